@@ -1,0 +1,74 @@
+"""Autoregressive generation with MLX and a KV cache.
+
+The sampling rules and the loop are :mod:`mlxgpt.sampling`'s, shared with the onnxruntime
+runtime; this module only supplies the MLX forward step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import mlx.core as mx
+import numpy as np
+
+from mlxgpt.model import GPT, make_cache
+from mlxgpt.sampling import SamplingParams, StepFn, generate_ids
+from mlxgpt.tokenizer import StreamDecoder, Tokenizer
+
+
+def cached_step(model: GPT) -> StepFn:
+    """A step function that keeps a KV cache between calls (reset when ``past_len == 0``)."""
+    cache = make_cache(model)
+
+    def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+        nonlocal cache
+        if past_len == 0:
+            cache = make_cache(model)
+        assert cache[0].offset == past_len, "cache out of sync with the generation loop"
+        logits = model(mx.array([list(new_ids)], dtype=mx.int32), cache=cache)
+        return np.array(logits[0, -1].astype(mx.float32))
+
+    return step
+
+
+def recompute_step(model: GPT) -> StepFn:
+    """A step function without a cache: every call runs the whole sequence again."""
+    ids: list[int] = []
+
+    def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+        nonlocal ids
+        ids = ids[:past_len] + list(new_ids)
+        logits = model(mx.array([ids], dtype=mx.int32))
+        return np.array(logits[0, -1].astype(mx.float32))
+
+    return step
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt``; an empty prompt starts from the tokenizer's start token."""
+    return tokenizer.encode(prompt) if prompt else [tokenizer.start_id]
+
+
+def generate_tokens(
+    model: GPT,
+    ids: Sequence[int],
+    max_tokens: int,
+    params: SamplingParams,
+    use_cache: bool = True,
+) -> Iterator[int]:
+    step = cached_step(model) if use_cache else recompute_step(model)
+    return generate_ids(step, ids, max_tokens, model.config.block_size, params)
+
+
+def generate_text(
+    model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int, params: SamplingParams
+) -> Iterator[str]:
+    """Stream the generated text piece by piece (the prompt itself is not repeated)."""
+    decoder = StreamDecoder(tokenizer)
+    for token in generate_tokens(model, prompt_ids(tokenizer, prompt), max_tokens, params):
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail

@@ -1,0 +1,138 @@
+"""The sampling rules and the generation loop, shared by every backend (numpy only).
+
+MLX generation (:mod:`mlxgpt.generate`) and the onnxruntime runtime (:mod:`export.runtime`)
+both hand their last-position logits to :func:`sample_next` and drive the same
+:func:`generate_ids` loop, so for the same logits, settings and seed they pick the same
+tokens. This module never imports MLX.
+
+Sampling semantics, applied in this order to the logits of the next token:
+
+1. ``temperature == 0``: greedy — the arg-max token (the lowest id among exact ties).
+   Nothing random is drawn.
+2. Divide the logits by ``temperature`` (> 0).
+3. ``top_k`` (``None`` or 0 = off): keep exactly the ``k`` largest logits; ties at the
+   boundary are broken in favour of the lower token id.
+4. Softmax over what is left (in float64).
+5. ``top_p`` (``1.0`` = off): sort the remaining tokens by probability (descending, ties by
+   lower id) and keep the shortest prefix whose cumulative probability reaches ``top_p``;
+   the most likely token is always kept.
+6. Renormalise and draw one token by inverse CDF from a single ``rng.random()`` value.
+
+The random stream is ``numpy.random.default_rng(seed)``: one uniform number per sampled
+token, so the same seed gives the same text on every backend.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not np.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 1 (or 0/None to disable), got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng(self.seed)
+
+
+def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
+    """The distribution a token is drawn from, after temperature, top-k and top-p."""
+    z = np.asarray(logits, dtype=np.float64).reshape(-1)
+    if not np.all(np.isfinite(z)):
+        raise ValueError("logits contain NaN or inf: the model produced invalid output")
+    if params.temperature == 0:
+        probs = np.zeros_like(z)
+        probs[int(np.argmax(z))] = 1.0
+        return probs
+    z = z / params.temperature
+    keep = np.ones(z.shape, dtype=bool)
+    if params.top_k and params.top_k < z.size:
+        order = np.argsort(-z, kind="stable")
+        keep[:] = False
+        keep[order[: params.top_k]] = True
+    z = np.where(keep, z, -np.inf)
+    probs = np.exp(z - z[keep].max())
+    probs /= probs.sum()
+    if params.top_p < 1.0:
+        order = np.argsort(-probs, kind="stable")
+        cumulative = np.cumsum(probs[order])
+        # keep a token if the mass before it has not yet reached top_p
+        n_keep = max(1, int(np.searchsorted(cumulative - probs[order], params.top_p, "left")))
+        nucleus = np.zeros_like(probs)
+        nucleus[order[:n_keep]] = probs[order[:n_keep]]
+        probs = nucleus / nucleus.sum()
+    return probs
+
+
+def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
+    """Pick the next token id from one row of logits (see the module docstring)."""
+    probs = filtered_probs(logits, params)
+    if params.temperature == 0:
+        return int(np.argmax(probs))
+    cdf = np.cumsum(probs)
+    u = rng.random() * cdf[-1]
+    return int(min(np.searchsorted(cdf, u, side="right"), probs.size - 1))
+
+
+# step(new_ids, past_len) -> logits of the last new position. past_len == 0 means: forget
+# any cached keys/values and start from new_ids alone.
+StepFn = Callable[[Sequence[int], int], np.ndarray]
+
+
+def crop_prompt(prompt_ids: Sequence[int], block_size: int) -> list[int]:
+    """Prompts longer than the context window keep their last ``block_size`` tokens."""
+    return list(prompt_ids)[-block_size:]
+
+
+def generate_ids(
+    step: StepFn,
+    prompt_ids: Sequence[int],
+    max_tokens: int,
+    block_size: int,
+    params: SamplingParams,
+    rng: np.random.Generator | None = None,
+) -> Iterator[int]:
+    """Yield up to ``max_tokens`` new token ids, one at a time.
+
+    The model sees at most ``block_size`` tokens. While the text fits, each step feeds
+    only the newest token and reuses the KV cache; once it no longer fits, the window
+    slides and the last ``block_size`` tokens are recomputed from scratch (there is no
+    cache to reuse because every token's position changes). The prompt must be
+    non-empty (callers substitute the tokenizer's start token for an empty prompt).
+    """
+    if max_tokens < 0:
+        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    context = crop_prompt(prompt_ids, block_size)
+    if not context:
+        raise ValueError("generation needs at least one prompt token")
+    rng = rng if rng is not None else params.rng()
+    if max_tokens == 0:
+        return
+    logits = step(context, 0)
+    for i in range(max_tokens):
+        token = sample_next(logits, params, rng)
+        yield token
+        if i == max_tokens - 1:
+            break
+        context.append(token)
+        if len(context) > block_size:
+            context = context[-block_size:]
+            logits = step(context, 0)
+        else:
+            logits = step([token], len(context) - 1)
