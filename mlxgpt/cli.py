@@ -99,8 +99,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from mlxgpt.generate import generate_text, prompt_ids
+    from mlxgpt.generate import generate_text
     from mlxgpt.model_io import load_model
+    from mlxgpt.tokenizer import prompt_ids
 
     params = sampling_params(args)
     model, tokenizer, _ = load_model(args.checkpoint)

@@ -13,7 +13,9 @@ import numpy as np
 
 from mlxgpt.model import GPT, make_cache
 from mlxgpt.sampling import SamplingParams, StepFn, generate_ids
-from mlxgpt.tokenizer import StreamDecoder, Tokenizer
+from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
+
+__all__ = ["cached_step", "generate_text", "generate_tokens", "prompt_ids", "recompute_step"]
 
 
 def cached_step(model: GPT) -> StepFn:
@@ -44,11 +46,6 @@ def recompute_step(model: GPT) -> StepFn:
     return step
 
 
-def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
-    """Token ids of ``prompt``; an empty prompt starts from the tokenizer's start token."""
-    return tokenizer.encode(prompt) if prompt else [tokenizer.start_id]
-
-
 def generate_tokens(
     model: GPT,
     ids: Sequence[int],
@@ -64,11 +61,5 @@ def generate_text(
     model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int, params: SamplingParams
 ) -> Iterator[str]:
     """Stream the generated text piece by piece (the prompt itself is not repeated)."""
-    decoder = StreamDecoder(tokenizer)
-    for token in generate_tokens(model, prompt_ids(tokenizer, prompt), max_tokens, params):
-        piece = decoder.push(token)
-        if piece:
-            yield piece
-    tail = decoder.flush()
-    if tail:
-        yield tail
+    tokens = generate_tokens(model, prompt_ids(tokenizer, prompt), max_tokens, params)
+    return stream_text(tokenizer, tokens)

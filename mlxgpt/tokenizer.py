@@ -14,7 +14,7 @@ newline character for ``char``), which is never printed.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from tokenizers import Tokenizer as HFTokenizer
@@ -135,3 +135,23 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         piece, self.emitted = text[self.emitted :], len(text)
         return piece
+
+
+def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:
+    """Token ids of ``prompt``; an empty prompt starts from the tokenizer's start token."""
+    return tokenizer.encode(prompt) if prompt else [tokenizer.start_id]
+
+
+def stream_text(tokenizer: Tokenizer, tokens: Iterable[int]) -> Iterator[str]:
+    """Text pieces for a stream of token ids, as soon as they are complete characters.
+
+    Shared by MLX generation and the onnxruntime runtime so both stream the same text.
+    """
+    decoder = StreamDecoder(tokenizer)
+    for token in tokens:
+        piece = decoder.push(token)
+        if piece:
+            yield piece
+    tail = decoder.flush()
+    if tail:
+        yield tail
