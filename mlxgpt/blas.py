@@ -109,6 +109,14 @@ def ensure_fast_blas() -> dict[str, str | None]:
     """Load an optimized CBLAS before MLX is imported (Linux only); never raises."""
     if _status["reason"] != "not attempted":
         return status()
+    try:
+        return _ensure_fast_blas()
+    except Exception as err:  # an import-time helper must never break `import mlxgpt`
+        _status["reason"] = f"failed: {err}"
+        return status()
+
+
+def _ensure_fast_blas() -> dict[str, str | None]:
     choice = os.environ.get("MLXGPT_BLAS", "").strip()
     if not sys.platform.startswith("linux"):
         _status["reason"] = "not Linux: MLX uses the platform's BLAS"

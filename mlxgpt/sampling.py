@@ -15,7 +15,8 @@ Sampling semantics, applied in this order to the logits of the next token:
 4. Softmax over what is left (in float64).
 5. ``top_p`` (``1.0`` = off): sort the remaining tokens by probability (descending, ties by
    lower id) and keep the shortest prefix whose cumulative probability reaches ``top_p``;
-   the most likely token is always kept.
+   the most likely token is always kept. "Reaches" allows a 1e-9 rounding slack, so
+   ``top_p=0.5`` on probabilities ``[0.5, 0.3, 0.2]`` keeps one token, not two.
 6. Renormalise and draw one token by inverse CDF from a single ``rng.random()`` value.
 
 The random stream is ``numpy.random.default_rng(seed)``: one uniform number per sampled
@@ -73,7 +74,8 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
         order = np.argsort(-probs, kind="stable")
         cumulative = np.cumsum(probs[order])
         # keep a token if the mass before it has not yet reached top_p
-        n_keep = max(1, int(np.searchsorted(cumulative - probs[order], params.top_p, "left")))
+        before = cumulative - probs[order]
+        n_keep = max(1, int(np.searchsorted(before, params.top_p - 1e-9, "left")))
         nucleus = np.zeros_like(probs)
         nucleus[order[:n_keep]] = probs[order[:n_keep]]
         probs = nucleus / nucleus.sum()

@@ -142,7 +142,6 @@ def train(
         state = load_state(ckpt)
         step = int(state["step"])
         data_rng.bit_generator.state = state["data_rng"]
-        mx.random.state[0] = mx.array(np.array(state["mlx_rng"], dtype=np.uint32))
         best_val = float(state.get("best_val_loss", math.inf))
         say(f"resuming {ckpt} at step {step}")
     else:
@@ -202,7 +201,16 @@ def train(
         f"{tokens_per_step:,} tokens per step; steps {step} -> {last} of {cfg.max_iters}"
     )
 
-    def checkpoint(step: int, extra: dict[str, Any]) -> None:
+    def checkpoint(step: int, probe: tuple[mx.array, mx.array]) -> None:
+        """Save, unless the current weights already produce a NaN/inf loss."""
+        probe_loss = loss_fn(model, *probe, mask=mask).item()
+        if not math.isfinite(probe_loss):
+            raise TrainingDiverged(
+                f"the weights after step {step} give a {probe_loss} loss; training stopped "
+                f"and this state was not saved. The last good checkpoint in "
+                f"{out_dir / 'ckpt'} is intact. Try a lower learning_rate "
+                f"(now {cfg.learning_rate}) or grad_clip=1.0."
+            )
         save_checkpoint(
             out_dir / "ckpt",
             model,
@@ -213,8 +221,6 @@ def train(
                 "step": step,
                 "best_val_loss": best_val,
                 "data_rng": _rng_state_to_json(data_rng),
-                "mlx_rng": np.array(mx.random.state[0]).tolist(),
-                **extra,
             },
         )
 
@@ -231,6 +237,7 @@ def train(
             ]
             x = mx.array(np.stack([b[0] for b in batches]))
             y = mx.array(np.stack([b[1] for b in batches]))
+            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
             loss, norm = update(x, y)
             mx.eval(loss, norm, train_state)
             lr = optimizer.learning_rate.item()  # the rate this step used
@@ -258,11 +265,12 @@ def train(
                 log.write(json.dumps({"step": step, "train_loss": train_loss,
                                       "val_loss": val_loss}) + "\n")
                 log.flush()
-                bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
+                if not quiet:
+                    bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
                 result.update(train_loss=train_loss, val_loss=val_loss)
             if step % cfg.ckpt_interval == 0 or step == last:
                 log.flush()
-                checkpoint(step, {})
+                checkpoint(step, (x[0], y[0]))
     bar.close()
     elapsed = time.perf_counter() - t_start
     png = out_dir / "loss.png"
