@@ -1,0 +1,123 @@
+"""The parity check the exporter runs before it writes anything (numpy + onnxruntime, no MLX).
+
+The exported graph is compared with :func:`reference_logits`, a plain numpy (float64)
+forward pass of the same model written from the checkpoint's weights. The exporter must
+work without MLX, so it cannot ask MLX; the test suite closes the loop by checking this
+reference and the exported graph against MLX itself (``tests/test_export_parity.py``).
+
+Four situations are measured, as the largest absolute logit difference:
+
+* ``prompt``: a whole prompt, empty past;
+* ``decode_step``: one token after a past of all but the last token;
+* ``chunk_after_past``: several tokens after an existing past;
+* ``left_padded_batch``: a batch of a full row, a left-padded shorter row (compared on
+  its real positions with that prompt run alone) and a row whose attention_mask is all
+  zeros, which must produce no NaN or inf anywhere (logits and every layer's present).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from export import signature as sig
+from export.runtime import OnnxGPT
+from mlxgpt.config import GPTConfig
+
+# The export fails above this difference: a sanity bound that catches a wrong graph, not a
+# precision claim (float32 graphs typically agree to ~1e-6; the tests require 1e-4).
+TOLERANCE = 1e-3
+DIFF_KEYS = ("prompt", "decode_step", "chunk_after_past", "left_padded_batch")
+
+
+def _layer_norm(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
+    mean = x.mean(-1, keepdims=True)
+    var = ((x - mean) ** 2).mean(-1, keepdims=True)
+    y = (x - mean) / np.sqrt(var + 1e-5) * w[f"{name}.weight"]
+    return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+
+
+def _linear(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
+    y = x @ w[f"{name}.weight"].T
+    return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
+
+
+def _gelu(x: np.ndarray) -> np.ndarray:
+    erf = np.vectorize(math.erf, otypes=[np.float64])
+    return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+
+
+def reference_logits(
+    weights: dict[str, np.ndarray],
+    config: GPTConfig,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray | None = None,
+) -> np.ndarray:
+    """float64 logits ``(batch, T, vocab)`` of the whole sequences, no cache.
+
+    Padding is masked and positions come from the mask, as in the graph; a masked score is
+    *replaced* by the most negative float64 (not added), so padding rows stay finite.
+    """
+    w = {k: v.astype(np.float64) for k, v in weights.items()}
+    ids = np.asarray(input_ids)
+    B, T = ids.shape
+    mask = np.ones((B, T), np.int64) if attention_mask is None else attention_mask
+    H, hs = config.n_head, config.head_size
+    visible = np.tril(np.ones((T, T), bool))[None, None] & (mask[:, None, None, :] != 0)
+    x = w["wte.weight"][ids] + w["wpe.weight"][sig.position_ids_from_mask(mask)]
+    for i in range(config.n_layer):
+        p = f"h.{i}"
+        qkv = _linear(_layer_norm(x, w, f"{p}.ln_1"), w, f"{p}.attn.c_attn")
+        q, k, v = (t.reshape(B, T, H, hs).transpose(0, 2, 1, 3) for t in np.split(qkv, 3, -1))
+        scores = np.where(
+            visible, q @ k.transpose(0, 1, 3, 2) / math.sqrt(hs), np.finfo(np.float64).min
+        )
+        probs = np.exp(scores - scores.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        y = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, config.n_embd)
+        x = x + _linear(y, w, f"{p}.attn.c_proj")
+        h = _gelu(_linear(_layer_norm(x, w, f"{p}.ln_2"), w, f"{p}.mlp.c_fc"))
+        x = x + _linear(h, w, f"{p}.mlp.c_proj")
+    return _layer_norm(x, w, "ln_f") @ w["wte.weight"].T
+
+
+def measure_parity(model: OnnxGPT, weights: dict[str, np.ndarray], seed: int = 0) -> dict[str, Any]:
+    """Largest |ORT - numpy reference| logit difference in each situation (module docstring)."""
+    config = model.config
+    T = min(config.block_size, 12)
+    ids = np.random.default_rng(seed).integers(0, config.vocab_size, (1, T))
+    ref = reference_logits(weights, config, ids)
+
+    def diff(a: np.ndarray, b: np.ndarray) -> float:
+        return float(np.max(np.abs(a.astype(np.float64) - b)))
+
+    figures: dict[str, Any] = {"reference": "numpy float64", "sequence_length": T}
+    logits, _ = model.forward(ids)
+    figures["prompt"] = diff(logits, ref)
+    if T >= 2:
+        _, past = model.forward(ids[:, :-1])
+        logits, _ = model.forward(ids[:, -1:], past=past)
+        figures["decode_step"] = diff(logits[:, -1], ref[:, -1])
+        split = T // 2
+        _, past = model.forward(ids[:, :split])
+        logits, _ = model.forward(ids[:, split:], past=past)
+        figures["chunk_after_past"] = diff(logits, ref[:, split:])
+
+    pad = T // 3
+    batch = np.vstack([ids, np.roll(ids, 1), ids])
+    mask = np.ones((3, T), np.int64)
+    mask[1, :pad] = 0
+    mask[2, :] = 0
+    logits, present = model.forward(batch, mask)
+    short = reference_logits(weights, config, batch[1:2, pad:])
+    figures["left_padded_batch"] = max(diff(logits[0], ref[0]), diff(logits[1, pad:], short[0]))
+    tensors = [logits] + [t for kv in present for t in kv]
+    figures["fully_padded_row_finite"] = bool(all(np.isfinite(t).all() for t in tensors))
+    figures["max_abs_logit"] = float(np.max(np.abs(ref)))
+    diffs = [v for k, v in figures.items() if k in DIFF_KEYS]
+    figures["max_abs_diff"] = max(diffs)
+    figures["tolerance"] = TOLERANCE
+    figures["passed"] = figures["max_abs_diff"] <= TOLERANCE and figures["fully_padded_row_finite"]
+    return figures

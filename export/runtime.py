@@ -1,0 +1,344 @@
+"""Run an exported model with onnxruntime: forward pass, KV cache, generation. No MLX.
+
+Dependencies: numpy, onnxruntime and tokenizers (to encode and decode with the exported
+``tokenizer.json``); ``onnx`` itself is not needed. Generation reuses mlxgpt's one
+sampling implementation (:mod:`mlxgpt.sampling`), so for the same checkpoint, prompt,
+settings and seed this runtime and ``mlxgpt generate`` (MLX) produce the same text.
+
+Quick use::
+
+    from export.runtime import OnnxGPT
+    from mlxgpt.sampling import SamplingParams
+
+    model = OnnxGPT.load("out/tiny-char-onnx")
+    for piece in model.generate("ROMEO:", max_tokens=100, params=SamplingParams(seed=1)):
+        print(piece, end="", flush=True)
+    texts = model.generate_batch(["ROMEO:", "JULIET: O"], max_tokens=50)
+
+Context window (same rule as MLX generation): a prompt longer than ``block_size`` tokens
+keeps its last ``block_size`` tokens; once prompt + generated text no longer fit, the
+window slides and the last ``block_size`` tokens are recomputed without a cache. Batched
+generation applies the rule to every row. :meth:`OnnxGPT.forward` itself never crops:
+a sequence longer than the window is an :class:`~export.errors.InputError`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from export import signature as sig
+from export.errors import ExportFolderError, InputError
+from mlxgpt.config import ConfigError, GPTConfig, gpt_config_from_dict
+from mlxgpt.sampling import SamplingParams, StepFn, crop_prompt, generate_ids, sample_next
+from mlxgpt.tokenizer import Tokenizer, TokenizerError, prompt_ids, stream_text
+
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+TOKENIZER_FILE = "tokenizer.json"
+GENERATION_FILE = "generation_config.json"
+FOLDER_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
+
+# Keys and values of every layer: [(key, value), ...], each (batch, n_head, time, head_size).
+Past = list[tuple[np.ndarray, np.ndarray]]
+
+
+def check_token_ids(ids: np.ndarray | Sequence[int], vocab_size: int) -> None:
+    """Raise :class:`InputError` for ids outside ``0..vocab_size-1`` (ORT would wrap negatives)."""
+    array = np.asarray(ids)
+    bad = array[(array < 0) | (array >= vocab_size)]
+    if bad.size:
+        raise InputError(
+            f"token id(s) {bad[:5].tolist()} out of range: this model's vocabulary has ids "
+            f"0..{vocab_size - 1}"
+        )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ExportFolderError(f"{path} is corrupt or unreadable: {err}") from None
+    if not isinstance(data, dict):
+        raise ExportFolderError(f"{path} is corrupt: expected a JSON object")
+    return data
+
+
+def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
+    """A CPU onnxruntime session for a model file (or its serialized bytes)."""
+    options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3  # errors only: no warnings about unused initializers
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+class OnnxGPT:
+    """An exported mlxgpt model in an onnxruntime session, with its tokenizer and defaults."""
+
+    def __init__(
+        self,
+        session: ort.InferenceSession,
+        config: GPTConfig,
+        tokenizer: Tokenizer | None = None,
+        generation: dict[str, Any] | None = None,
+    ):
+        expected = sig.input_names(config.n_layer)
+        actual = [i.name for i in session.get_inputs()]
+        if actual != expected:
+            raise ExportFolderError(
+                f"the ONNX model's inputs {actual[:5]}... do not match config.json "
+                f"(expected {expected[:5]}...): was it exported by mlxgpt for this config?"
+            )
+        self.session = session
+        self.config = config
+        self.tokenizer = tokenizer
+        self.generation = generation or {}
+        self._outputs = sig.output_names(config.n_layer)
+
+    @classmethod
+    def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
+        """Load an export folder written by ``mlxgpt export`` (see :mod:`export.exporter`)."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ExportFolderError(
+                f"export folder {folder} does not exist: create it with "
+                "`mlxgpt export CKPT_DIR OUT_DIR`"
+            )
+        missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+        if missing:
+            raise ExportFolderError(
+                f"export folder {folder} is incomplete: missing {', '.join(missing)} "
+                "(export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`)"
+            )
+        try:
+            config = gpt_config_from_dict(_read_json(folder / CONFIG_FILE))
+        except ConfigError as err:
+            raise ExportFolderError(f"{folder / CONFIG_FILE} is invalid: {err}") from None
+        try:
+            tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
+        except TokenizerError as err:
+            raise ExportFolderError(str(err)) from None
+        if tokenizer.vocab_size != config.vocab_size:
+            raise ExportFolderError(
+                f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but "
+                f"{CONFIG_FILE} says vocab_size={config.vocab_size}"
+            )
+        generation = _read_json(folder / GENERATION_FILE)
+        try:
+            session = make_session(folder / MODEL_FILE, threads)
+        except Exception as err:  # onnxruntime raises its own exception types
+            raise ExportFolderError(f"{folder / MODEL_FILE} cannot be loaded: {err}") from None
+        return cls(session, config, tokenizer, generation)
+
+    # -- the forward pass -------------------------------------------------------------------
+    def empty_past(self, batch: int) -> Past:
+        """The past for a first step: keys and values of length 0."""
+        shape = (batch, self.config.n_head, 0, self.config.head_size)
+        empty = np.zeros(shape, dtype=np.float32)
+        return [(empty, empty) for _ in range(self.config.n_layer)]
+
+    def forward(
+        self,
+        input_ids: np.ndarray | Sequence[Sequence[int]],
+        attention_mask: np.ndarray | None = None,
+        position_ids: np.ndarray | None = None,
+        past: Past | None = None,
+    ) -> tuple[np.ndarray, Past]:
+        """Logits ``(batch, new, vocab)`` for ``input_ids`` ``(batch, new)`` after ``past``.
+
+        ``attention_mask`` ``(batch, past + new)`` defaults to all ones; ``position_ids``
+        default to :func:`export.signature.position_ids_from_mask` of it. Returns the logits
+        and the new past (``present.*``) to pass to the next call.
+        """
+        ids = np.asarray(input_ids)
+        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+            raise InputError(f"input_ids must have shape (batch, tokens), got {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids must be integers, got {ids.dtype}")
+        check_token_ids(ids, self.config.vocab_size)
+        batch, new = ids.shape
+        past = self.empty_past(batch) if past is None else past
+        past_len = past[0][0].shape[2] if past else 0
+        if len(past) != self.config.n_layer or past[0][0].shape[0] != batch:
+            raise InputError(
+                f"past must hold {self.config.n_layer} layers of batch {batch}, got "
+                f"{len(past)} layers of batch {past[0][0].shape[0] if past else 0}"
+            )
+        if attention_mask is None:
+            attention_mask = np.ones((batch, past_len + new), dtype=np.int64)
+        attention_mask = np.asarray(attention_mask, dtype=np.int64)
+        if attention_mask.shape != (batch, past_len + new):
+            raise InputError(
+                f"attention_mask must have shape (batch, past + new) = "
+                f"{(batch, past_len + new)}, got {attention_mask.shape}"
+            )
+        if position_ids is None:
+            position_ids = sig.position_ids_from_mask(attention_mask)[:, -new:]
+        position_ids = np.asarray(position_ids, dtype=np.int64)
+        if position_ids.shape != (batch, new):
+            raise InputError(
+                f"position_ids must have shape {(batch, new)}, got {position_ids.shape}"
+            )
+        if position_ids.min() < 0 or position_ids.max() >= self.config.block_size:
+            raise InputError(
+                f"a sequence of {int(position_ids.max()) + 1} tokens exceeds the context window "
+                f"(block_size={self.config.block_size}); generation keeps the last "
+                f"{self.config.block_size} tokens, forward() does not crop"
+            )
+        feeds: dict[str, np.ndarray] = {
+            sig.INPUT_IDS: ids.astype(np.int64),
+            sig.ATTENTION_MASK: attention_mask,
+            sig.POSITION_IDS: position_ids,
+        }
+        for i, (key, value) in enumerate(past):
+            key_name, value_name = sig.past_names(i)
+            feeds[key_name], feeds[value_name] = key, value
+        logits, *present = self.session.run(self._outputs, feeds)
+        return logits, list(zip(present[0::2], present[1::2], strict=True))
+
+    # -- generation ---------------------------------------------------------------------------
+    def cached_step(self) -> StepFn:
+        """A step for :func:`mlxgpt.sampling.generate_ids` that keeps the KV cache."""
+        past: Past | None = None
+
+        def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+            nonlocal past
+            if past_len == 0:
+                past = None
+            assert (past[0][0].shape[2] if past else 0) == past_len, "cache out of sync"
+            logits, past = self.forward([list(new_ids)], past=past)
+            return logits[0, -1]
+
+        return step
+
+    def recompute_step(self) -> StepFn:
+        """A step that runs the whole sequence again every time (no cache; for testing)."""
+        ids: list[int] = []
+
+        def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+            nonlocal ids
+            ids = ids[:past_len] + list(new_ids)
+            return self.forward([ids])[0][0, -1]
+
+        return step
+
+    def default_params(self) -> SamplingParams:
+        """Sampling settings from ``generation_config.json`` (no seed)."""
+        g = self.generation
+        return SamplingParams(
+            temperature=float(g.get("temperature", 1.0)),
+            top_k=int(g.get("top_k") or 0) or None,
+            top_p=float(g.get("top_p", 1.0)),
+        )
+
+    def _max_tokens(self, max_tokens: int | None) -> int:
+        return int(self.generation.get("max_new_tokens", 200)) if max_tokens is None else max_tokens
+
+    def generate_ids(
+        self,
+        ids: Sequence[int],
+        max_tokens: int | None = None,
+        params: SamplingParams | None = None,
+        use_cache: bool = True,
+    ) -> Iterator[int]:
+        """Yield new token ids for the prompt ``ids`` (see the module docstring)."""
+        check_token_ids(list(ids), self.config.vocab_size)
+        step = self.cached_step() if use_cache else self.recompute_step()
+        return generate_ids(
+            step,
+            ids,
+            self._max_tokens(max_tokens),
+            self.config.block_size,
+            params or self.default_params(),
+        )
+
+    def _need_tokenizer(self) -> Tokenizer:
+        if self.tokenizer is None:
+            raise InputError("this model was loaded without a tokenizer: pass token ids")
+        return self.tokenizer
+
+    def generate(
+        self, prompt: str, max_tokens: int | None = None, params: SamplingParams | None = None
+    ) -> Iterator[str]:
+        """Stream the continuation of ``prompt`` piece by piece (the prompt is not repeated)."""
+        tokenizer = self._need_tokenizer()
+        ids = prompt_ids(tokenizer, prompt)
+        return stream_text(tokenizer, self.generate_ids(ids, max_tokens, params))
+
+    def _prefill(self, contexts: list[list[int]]) -> tuple[np.ndarray, Past, np.ndarray]:
+        """Run left-padded ``contexts`` from scratch: last-position logits, past, mask."""
+        width = max(len(c) for c in contexts)
+        ids = np.zeros((len(contexts), width), dtype=np.int64)  # pad id 0: masked anyway
+        mask = np.zeros((len(contexts), width), dtype=np.int64)
+        for row, context in enumerate(contexts):
+            ids[row, width - len(context) :] = context
+            mask[row, width - len(context) :] = 1
+        logits, past = self.forward(ids, mask)
+        return logits[:, -1], past, mask
+
+    def generate_batch_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        max_tokens: int | None = None,
+        params: SamplingParams | None = None,
+    ) -> Iterator[list[int]]:
+        """Generate for several prompts at once; yield each step's new token of every row.
+
+        Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding,
+        positions from :func:`~export.signature.position_ids_from_mask`). Row ``r`` draws
+        from its own ``numpy.random.default_rng(params.seed)``, so it gets the tokens that
+        generating ``prompts[r]`` alone with the same seed gives (the same seed therefore
+        gives identical rows for identical prompts). The context window is handled per row
+        as in :func:`mlxgpt.sampling.generate_ids`: once any row no longer fits, every step
+        recomputes all rows from their last ``block_size`` tokens.
+        """
+        params = params or self.default_params()
+        max_tokens = self._max_tokens(max_tokens)
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        block = self.config.block_size
+        contexts = [crop_prompt(p, block) for p in prompts]
+        if not contexts or not all(contexts):
+            raise InputError("batched generation needs at least one prompt, each with >= 1 token")
+        for context in contexts:
+            check_token_ids(context, self.config.vocab_size)
+        rngs = [params.rng() for _ in contexts]
+        if max_tokens == 0:
+            return
+        logits, past, mask = self._prefill(contexts)
+        for i in range(max_tokens):
+            tokens = [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
+            yield tokens
+            if i == max_tokens - 1:
+                break
+            for context, token in zip(contexts, tokens, strict=True):
+                context.append(token)
+            if max(len(c) for c in contexts) > block:  # a row slides: recompute everything
+                contexts = [c[-block:] for c in contexts]
+                logits, past, mask = self._prefill(contexts)
+            else:
+                mask = np.concatenate([mask, np.ones((len(contexts), 1), np.int64)], axis=1)
+                out, past = self.forward(np.array(tokens)[:, None], mask, past=past)
+                logits = out[:, -1]
+
+    def generate_batch(
+        self,
+        prompts: Sequence[str],
+        max_tokens: int | None = None,
+        params: SamplingParams | None = None,
+    ) -> list[str]:
+        """The continuation of every prompt (one left-padded batch; see generate_batch_ids)."""
+        tokenizer = self._need_tokenizer()
+        rows: list[list[int]] = [[] for _ in prompts]
+        ids = [prompt_ids(tokenizer, p) for p in prompts]
+        for tokens in self.generate_batch_ids(ids, max_tokens, params):
+            for row, token in zip(rows, tokens, strict=True):
+                row.append(token)
+        return [tokenizer.decode(row) for row in rows]
