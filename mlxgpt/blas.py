@@ -158,4 +158,3 @@ def _ensure_fast_blas() -> dict[str, str | None]:
         stacklevel=3,
     )
     return status()
-

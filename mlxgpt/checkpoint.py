@@ -86,23 +86,27 @@ def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:
     }
     for i in range(config.n_layer):
         p = f"h.{i}."
-        shapes.update({
-            p + "ln_1.weight": (C,),
-            p + "attn.c_attn.weight": (3 * C, C),
-            p + "attn.c_proj.weight": (C, C),
-            p + "ln_2.weight": (C,),
-            p + "mlp.c_fc.weight": (4 * C, C),
-            p + "mlp.c_proj.weight": (C, 4 * C),
-        })
+        shapes.update(
+            {
+                p + "ln_1.weight": (C,),
+                p + "attn.c_attn.weight": (3 * C, C),
+                p + "attn.c_proj.weight": (C, C),
+                p + "ln_2.weight": (C,),
+                p + "mlp.c_fc.weight": (4 * C, C),
+                p + "mlp.c_proj.weight": (C, 4 * C),
+            }
+        )
         if config.bias:
-            shapes.update({
-                p + "ln_1.bias": (C,),
-                p + "attn.c_attn.bias": (3 * C,),
-                p + "attn.c_proj.bias": (C,),
-                p + "ln_2.bias": (C,),
-                p + "mlp.c_fc.bias": (4 * C,),
-                p + "mlp.c_proj.bias": (C,),
-            })
+            shapes.update(
+                {
+                    p + "ln_1.bias": (C,),
+                    p + "attn.c_attn.bias": (3 * C,),
+                    p + "attn.c_proj.bias": (C,),
+                    p + "ln_2.bias": (C,),
+                    p + "mlp.c_fc.bias": (4 * C,),
+                    p + "mlp.c_proj.bias": (C,),
+                }
+            )
     if config.bias:
         shapes["ln_f.bias"] = (C,)
     return shapes

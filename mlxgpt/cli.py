@@ -51,22 +51,43 @@ def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str],
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Sampling options, shared by ``mlxgpt generate`` and ``mlxgpt-ort generate``."""
     p.add_argument("--prompt", default="", help="text to continue (default: empty prompt)")
-    p.add_argument("--max-tokens", type=non_negative_int, default=200,
-                   help="number of new tokens to generate (default: 200)")
-    p.add_argument("--temperature", type=float_in(0.0, 100.0), default=0.8,
-                   help="softmax temperature; 0 = greedy (default: 0.8)")
-    p.add_argument("--top-k", type=non_negative_int, default=0,
-                   help="keep only the k most likely tokens; 0 = off (default: 0)")
-    p.add_argument("--top-p", type=float_in(0.0, 1.0, low_open=True), default=1.0,
-                   help="nucleus sampling: keep the smallest set of tokens whose "
-                        "probability reaches p; 1 = off (default: 1.0)")
-    p.add_argument("--seed", type=non_negative_int, default=None,
-                   help="random seed; the same seed gives the same text")
+    p.add_argument(
+        "--max-tokens",
+        type=non_negative_int,
+        default=200,
+        help="number of new tokens to generate (default: 200)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float_in(0.0, 100.0),
+        default=0.8,
+        help="softmax temperature; 0 = greedy (default: 0.8)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=non_negative_int,
+        default=0,
+        help="keep only the k most likely tokens; 0 = off (default: 0)",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float_in(0.0, 1.0, low_open=True),
+        default=1.0,
+        help="nucleus sampling: keep the smallest set of tokens whose "
+        "probability reaches p; 1 = off (default: 1.0)",
+    )
+    p.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=None,
+        help="random seed; the same seed gives the same text",
+    )
 
 
 def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(temperature=args.temperature, top_k=args.top_k or None,
-                          top_p=args.top_p, seed=args.seed)
+    return SamplingParams(
+        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -74,16 +95,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     from mlxgpt.train import resolve_config, train
 
     overrides = parse_overrides(args.overrides)
-    flags = {"data": args.data, "out_dir": args.out_dir, "max_iters": args.max_iters,
-             "tokenizer": args.tokenizer, "dtype": args.dtype, "seed": args.seed}
+    flags = {
+        "data": args.data,
+        "out_dir": args.out_dir,
+        "max_iters": args.max_iters,
+        "tokenizer": args.tokenizer,
+        "dtype": args.dtype,
+        "seed": args.seed,
+    }
     overrides = merge(overrides, {k: v for k, v in flags.items() if v is not None})
     if args.resume and args.config:
         raise SystemExit("error: --resume continues a run with its own config; drop --config")
     cfg = resolve_config(args.config, overrides, args.resume)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    print(f"\ndone: step {result['step']} in {result['elapsed_s']:.0f}s; "
-          f"train loss {result.get('train_loss', float('nan')):.4f}, "
-          f"val loss {result.get('val_loss', float('nan')):.4f}")
+    print(
+        f"\ndone: step {result['step']} in {result['elapsed_s']:.0f}s; "
+        f"train loss {result.get('train_loss', float('nan')):.4f}, "
+        f"val loss {result.get('val_loss', float('nan')):.4f}"
+    )
     print(f"checkpoint: {result['ckpt']}   loss curve: {result['loss_png']}")
     if cfg.sample_tokens:
         from mlxgpt.generate import generate_text
@@ -91,8 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print("\n--- sample (temperature 0.8) ---")
         params = SamplingParams(temperature=0.8, seed=cfg.seed)
         result["model"].eval()
-        for piece in generate_text(result["model"], result["tokenizer"], "",
-                                   cfg.sample_tokens, params):
+        for piece in generate_text(
+            result["model"], result["tokenizer"], "", cfg.sample_tokens, params
+        ):
             print(piece, end="", flush=True)
         print("\n---")
     return 0
@@ -107,8 +137,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model, tokenizer, _ = load_model(args.checkpoint)
     n_prompt = len(prompt_ids(tokenizer, args.prompt))
     if n_prompt > model.config.block_size:
-        print(f"note: the prompt has {n_prompt} tokens; the model sees only the last "
-              f"{model.config.block_size} (its context window)", file=sys.stderr)
+        print(
+            f"note: the prompt has {n_prompt} tokens; the model sees only the last "
+            f"{model.config.block_size} (its context window)",
+            file=sys.stderr,
+        )
     sys.stdout.write(args.prompt)
     for piece in generate_text(model, tokenizer, args.prompt, args.max_tokens, params):
         sys.stdout.write(piece)
@@ -120,8 +153,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from export.exporter import export_checkpoint
 
-    export_checkpoint(args.checkpoint, args.out_dir, attention=args.attention,
-                      force=args.force, verify=not args.no_verify)
+    export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        attention=args.attention,
+        force=args.force,
+        verify=not args.no_verify,
+    )
     return 0
 
 
@@ -132,8 +170,10 @@ def cmd_viz(args: argparse.Namespace) -> int:
         viz.mask_command(size=args.size, out=args.out)
     else:
         if not args.checkpoint:
-            raise SystemExit("error: `mlxgpt viz attention` needs a checkpoint: "
-                             "mlxgpt viz attention CKPT --prompt '...'")
+            raise SystemExit(
+                "error: `mlxgpt viz attention` needs a checkpoint: "
+                "mlxgpt viz attention CKPT --prompt '...'"
+            )
         viz.attention_command(args.checkpoint, args.prompt, out=args.out)
     return 0
 
@@ -159,39 +199,59 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
     p.add_argument("--max-iters", type=positive_int, help="number of optimizer steps")
     p.add_argument("--tokenizer", choices=["char", "bpe"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"],
-                   help="bfloat16 parameters/activations (GPUs); loss stays float32")
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        help="bfloat16 parameters/activations (GPUs); loss stays float32",
+    )
     p.add_argument("--seed", type=non_negative_int)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="override any config key, e.g. batch_size=8 model.n_embd=64")
+    p.add_argument(
+        "overrides",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="override any config key, e.g. batch_size=8 model.n_embd=64",
+    )
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("generate", help="generate text from a checkpoint",
-                       description="Stream text from a trained checkpoint using a KV cache. "
-                       "Prompts longer than the context window keep their last block_size "
-                       "tokens.")
+    p = sub.add_parser(
+        "generate",
+        help="generate text from a checkpoint",
+        description="Stream text from a trained checkpoint using a KV cache. "
+        "Prompts longer than the context window keep their last block_size "
+        "tokens.",
+    )
     p.add_argument("checkpoint", help="a training out_dir or checkpoint folder")
     add_sampling_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="export a checkpoint to ONNX",
-                       description="Write model.onnx, config.json, tokenizer.json and "
-                       "generation_config.json to OUT_DIR (no MLX needed).")
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint to ONNX",
+        description="Write model.onnx, config.json, tokenizer.json and "
+        "generation_config.json to OUT_DIR (no MLX needed).",
+    )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
-    p.add_argument("--attention", choices=["portable", "fused"], default="portable",
-                   help="portable: opset 17 MatMul/Softmax (default); fused: opset 23 "
-                        "Attention operator")
+    p.add_argument(
+        "--attention",
+        choices=["portable", "fused"],
+        default="portable",
+        help="portable: opset 17 MatMul/Softmax (default); fused: opset 23 Attention operator",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
-    p.add_argument("--no-verify", action="store_true",
-                   help="skip the onnxruntime check at export time")
+    p.add_argument(
+        "--no-verify", action="store_true", help="skip the onnxruntime check at export time"
+    )
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("viz", help="pictures of the causal mask and attention",
-                       description="`viz mask --size N`: the causal mask as a PNG plus a "
-                       "worked softmax example. `viz attention CKPT --prompt ...`: the "
-                       "attention weights of every layer and head.")
+    p = sub.add_parser(
+        "viz",
+        help="pictures of the causal mask and attention",
+        description="`viz mask --size N`: the causal mask as a PNG plus a "
+        "worked softmax example. `viz attention CKPT --prompt ...`: the "
+        "attention weights of every layer and head.",
+    )
     p.add_argument("what", choices=["mask", "attention"])
     p.add_argument("checkpoint", nargs="?", help="checkpoint (for `attention`)")
     p.add_argument("--size", type=positive_int, default=8, help="mask size N (default 8)")

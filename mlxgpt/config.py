@@ -67,7 +67,7 @@ class TrainConfig:
     seed: int = 1337
     batch_size: int = 16
     grad_accum: int = 1
-    max_iters: int = 2000
+    max_iters: int = 1000
     stop_at: int = 0  # stop (with a checkpoint) at this step without changing the schedule
     learning_rate: float = 1e-3
     min_lr: float = 1e-4
@@ -76,7 +76,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.99
     grad_clip: float = 1.0  # 0 disables clipping
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_iters: int = 20
     ckpt_interval: int = 500
     dtype: str = "float32"  # or "bfloat16" (GPU): parameters/activations; loss stays float32
@@ -156,8 +156,7 @@ def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     if unknown:
         names = ", ".join(prefix + k for k in unknown)
         raise ConfigError(
-            f"unknown config key(s): {names}. Known keys: "
-            + ", ".join(prefix + k for k in known)
+            f"unknown config key(s): {names}. Known keys: " + ", ".join(prefix + k for k in known)
         )
     kwargs = {}
     for key, value in values.items():

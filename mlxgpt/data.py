@@ -24,9 +24,19 @@ class DataError(ValueError):
     """Training data that cannot be used; the message says why and what to do."""
 
 
+def resolve_data_path(path: str | Path) -> Path:
+    """``path`` as given, or, for a relative path that does not exist here, the same path
+    inside the mlxgpt project folder (so ``data/tinyshakespeare.txt`` works from anywhere)."""
+    path = Path(path)
+    if path.exists() or path.is_absolute():
+        return path
+    bundled = Path(__file__).resolve().parent.parent / path
+    return bundled if bundled.exists() else path
+
+
 def read_corpus(path: str | Path) -> list[str]:
     """The texts of a .txt file or of every .txt file under a folder (sorted by name)."""
-    path = Path(path)
+    path = resolve_data_path(path)
     if path.is_dir():
         files = sorted(p for p in path.rglob("*.txt") if p.is_file())
         if not files:

@@ -81,8 +81,9 @@ class CausalSelfAttention(nn.Module):
         """Project to queries, keys and values shaped ``(B, n_head, T, head_size)``."""
         B, T, C = x.shape
         q, k, v = mx.split(self.c_attn(x), 3, axis=-1)
-        heads = [t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3)
-                 for t in (q, k, v)]
+        heads = [
+            t.reshape(B, T, self.n_head, C // self.n_head).transpose(0, 2, 1, 3) for t in (q, k, v)
+        ]
         return heads[0], heads[1], heads[2]
 
     def __call__(self, x: mx.array, mask: MaskSpec = "causal", cache: KVCache | None = None):

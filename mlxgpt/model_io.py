@@ -35,9 +35,7 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
 ) -> Path:
     """Write a complete checkpoint atomically (see :mod:`mlxgpt.checkpoint`)."""
-    weights = {
-        k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())
-    }
+    weights = {k: np.array(v.astype(mx.float32)) for k, v in tree_flatten(model.parameters())}
 
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"mlxgpt": __version__})

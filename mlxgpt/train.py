@@ -46,8 +46,9 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     decay_steps = max(1, cfg.max_iters - cfg.warmup_iters)
     cosine = optim.cosine_decay(cfg.learning_rate, decay_steps, end=cfg.min_lr)
     if cfg.warmup_iters:
-        warmup = optim.linear_schedule(cfg.learning_rate / cfg.warmup_iters,
-                                       cfg.learning_rate, cfg.warmup_iters)
+        warmup = optim.linear_schedule(
+            cfg.learning_rate / cfg.warmup_iters, cfg.learning_rate, cfg.warmup_iters
+        )
         schedule = optim.join_schedules([warmup, cosine], [cfg.warmup_iters])
     else:
         schedule = cosine
@@ -90,9 +91,9 @@ def _plot_losses(log_path: Path, png_path: Path) -> None:
     evals = [(r["step"], r["train_loss"], r["val_loss"]) for r in rows if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
-        ax.plot(*zip(*train), lw=0.8, alpha=0.6, label="train (per step)")
+        ax.plot(*zip(*train, strict=True), lw=0.8, alpha=0.6, label="train (per step)")
     if evals:
-        s, t, v = zip(*evals)
+        s, t, v = zip(*evals, strict=True)
         ax.plot(s, t, "o-", label="train (eval)")
         ax.plot(s, v, "o-", label="validation")
     ax.set_xlabel("step")
@@ -117,6 +118,7 @@ def resolve_config(
     if not (ckpt / "train_config.json").is_file():
         raise CheckpointError(f"{ckpt} has no train_config.json: it cannot be resumed")
     saved = read_json(ckpt / "train_config.json")
+    saved["stop_at"] = 0  # a resumed run goes on to max_iters unless told otherwise
     try:
         return _build(TrainConfig, merge(saved, overrides))
     except ConfigError as err:
@@ -252,9 +254,15 @@ def train(
             step += 1
             losses.append(loss_value)
             dt = time.perf_counter() - t0
-            record = {"step": step, "loss": loss_value, "lr": lr,
-                      "grad_norm": norm.item(), "tokens_per_s": tokens_per_step / dt}
+            record = {
+                "step": step,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": norm.item(),
+                "tokens_per_s": tokens_per_step / dt,
+            }
             log.write(json.dumps(record) + "\n")
+            log.flush()
             bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
             bar.update(1)
             evaluate = step % cfg.eval_interval == 0 or step == last
@@ -262,8 +270,10 @@ def train(
                 train_loss = estimate_loss(model, data, cfg, "train")
                 val_loss = estimate_loss(model, data, cfg, "val")
                 best_val = min(best_val, val_loss)
-                log.write(json.dumps({"step": step, "train_loss": train_loss,
-                                      "val_loss": val_loss}) + "\n")
+                log.write(
+                    json.dumps({"step": step, "train_loss": train_loss, "val_loss": val_loss})
+                    + "\n"
+                )
                 log.flush()
                 if not quiet:
                     bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
@@ -277,9 +287,16 @@ def train(
     if log_path.stat().st_size:
         _plot_losses(log_path, png)
     result.update(
-        step=step, elapsed_s=elapsed, losses=losses, best_val_loss=best_val,
-        ckpt=str(out_dir / "ckpt"), loss_png=str(png), config=asdict(cfg),
-        model=model, tokenizer=tokenizer, data=data,
+        step=step,
+        elapsed_s=elapsed,
+        losses=losses,
+        best_val_loss=best_val,
+        ckpt=str(out_dir / "ckpt"),
+        loss_png=str(png),
+        config=asdict(cfg),
+        model=model,
+        tokenizer=tokenizer,
+        data=data,
     )
     return result
 

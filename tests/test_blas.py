@@ -9,8 +9,8 @@ import sys
 import pytest
 
 pytestmark = pytest.mark.skipif(
-    not sys.platform.startswith("linux"), reason="the slow reference BLAS exists only in "
-    "the Linux mlx[cpu] wheel; macOS uses Accelerate"
+    not sys.platform.startswith("linux"),
+    reason="the slow reference BLAS exists only in the Linux mlx[cpu] wheel; macOS uses Accelerate",
 )
 
 PROGRAM = """
@@ -22,8 +22,9 @@ print(mlxgpt.blas.status())
 
 def _bindings(env_extra: dict[str, str]) -> tuple[str, str]:
     env = {**os.environ, "LD_DEBUG": "bindings", **env_extra}
-    res = subprocess.run([sys.executable, "-c", PROGRAM], capture_output=True, text=True,
-                         env=env, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", PROGRAM], capture_output=True, text=True, env=env, check=True
+    )
     lines = [ln for ln in res.stderr.splitlines() if "libmlx" in ln and "`cblas_sgemm'" in ln]
     assert lines, "the dynamic linker never bound MLX's cblas_sgemm"
     return lines[0], res.stdout

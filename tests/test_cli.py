@@ -20,25 +20,51 @@ def run(capsys, *argv):
 
 def test_train_then_generate_from_the_command_line(capsys, corpus_file, tmp_path):
     out = tmp_path / "run"
-    code, text, _ = run(capsys, "train", "--data", str(corpus_file), "--out-dir", str(out),
-                        "--max-iters", "12", "--no-progress", "batch_size=4",
-                        "eval_interval=6", "eval_iters=2", "warmup_iters=2",
-                        "sample_tokens=20", "model.n_layer=1", "model.n_embd=16",
-                        "model.n_head=2", "model.block_size=16")
+    code, text, _ = run(
+        capsys,
+        "train",
+        "--data",
+        str(corpus_file),
+        "--out-dir",
+        str(out),
+        "--max-iters",
+        "12",
+        "--no-progress",
+        "batch_size=4",
+        "eval_interval=6",
+        "eval_iters=2",
+        "warmup_iters=2",
+        "sample_tokens=20",
+        "model.n_layer=1",
+        "model.n_embd=16",
+        "model.n_head=2",
+        "model.block_size=16",
+    )
     assert code == 0
     assert "val loss" in text and "--- sample" in text
     assert (out / "ckpt" / "model.safetensors").is_file()
-    code, text, _ = run(capsys, "generate", str(out), "--prompt", "All:", "--max-tokens",
-                        "30", "--seed", "3")
+    code, text, _ = run(
+        capsys, "generate", str(out), "--prompt", "All:", "--max-tokens", "30", "--seed", "3"
+    )
     assert code == 0 and text.startswith("All:") and len(text.rstrip("\n")) >= 4
-    again = run(capsys, "generate", str(out), "--prompt", "All:", "--max-tokens", "30",
-                "--seed", "3")[1]
+    again = run(
+        capsys, "generate", str(out), "--prompt", "All:", "--max-tokens", "30", "--seed", "3"
+    )[1]
     assert again == text  # same seed, same text
 
 
 def test_generate_greedy_empty_prompt_and_token_budget(capsys, trained_ckpt):
-    code, text, _ = run(capsys, "generate", str(trained_ckpt), "--prompt", "",
-                        "--max-tokens", "25", "--temperature", "0")
+    code, text, _ = run(
+        capsys,
+        "generate",
+        str(trained_ckpt),
+        "--prompt",
+        "",
+        "--max-tokens",
+        "25",
+        "--temperature",
+        "0",
+    )
     assert code == 0
     from mlxgpt.tokenizer import Tokenizer
 
@@ -48,8 +74,17 @@ def test_generate_greedy_empty_prompt_and_token_budget(capsys, trained_ckpt):
 
 def test_prompt_longer_than_context_keeps_its_tail(capsys, trained_ckpt):
     long_prompt = "Speak, speak. " * 10  # 140 chars > block_size 32
-    code, text, err = run(capsys, "generate", str(trained_ckpt), "--prompt", long_prompt,
-                          "--max-tokens", "5", "--temperature", "0")
+    code, text, err = run(
+        capsys,
+        "generate",
+        str(trained_ckpt),
+        "--prompt",
+        long_prompt,
+        "--max-tokens",
+        "5",
+        "--temperature",
+        "0",
+    )
     assert code == 0 and "context window" in err and text.startswith(long_prompt)
 
 
@@ -113,11 +148,21 @@ def test_data_file_errors(capsys, tmp_path):
 
 def test_config_file_with_overrides(capsys, tmp_path, corpus_file):
     cfg = tmp_path / "cfg.json"
-    cfg.write_text(json.dumps({"data": str(corpus_file), "out_dir": str(tmp_path / "o"),
-                               "max_iters": 4, "eval_interval": 4, "eval_iters": 1,
-                               "warmup_iters": 1, "sample_tokens": 0, "batch_size": 2,
-                               "model": {"n_layer": 1, "n_embd": 8, "n_head": 1,
-                                         "block_size": 8}}))
+    cfg.write_text(
+        json.dumps(
+            {
+                "data": str(corpus_file),
+                "out_dir": str(tmp_path / "o"),
+                "max_iters": 4,
+                "eval_interval": 4,
+                "eval_iters": 1,
+                "warmup_iters": 1,
+                "sample_tokens": 0,
+                "batch_size": 2,
+                "model": {"n_layer": 1, "n_embd": 8, "n_head": 1, "block_size": 8},
+            }
+        )
+    )
     code, _, _ = run(capsys, "train", "--config", str(cfg), "--no-progress", "model.n_head=2")
     assert code == 0
     saved = json.loads((tmp_path / "o" / "ckpt" / "train_config.json").read_text())
@@ -129,7 +174,8 @@ def test_console_script_help_and_clean_error():
     for sub in ("train", "generate", "export", "viz"):
         res = subprocess.run([*exe.split(), sub, "--help"], capture_output=True, text=True)
         assert res.returncode == 0 and "usage: mlxgpt" in res.stdout
-    res = subprocess.run([*exe.split(), "generate", "/nonexistent/ckpt"], capture_output=True,
-                         text=True)
+    res = subprocess.run(
+        [*exe.split(), "generate", "/nonexistent/ckpt"], capture_output=True, text=True
+    )
     assert res.returncode == 2 and "Traceback" not in res.stderr
     assert res.stderr.startswith("error: checkpoint /nonexistent/ckpt does not exist")

@@ -54,8 +54,7 @@ def test_fused_and_explicit_attention_agree(model):
 )
 def test_future_tokens_never_change_past_logits(model, data, length, mask):
     """Changing tokens after position t leaves logits at <= t unchanged; earlier ones don't."""
-    ids = data.draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=length,
-                             max_size=length))
+    ids = data.draw(st.lists(st.integers(0, CFG.vocab_size - 1), min_size=length, max_size=length))
     t = data.draw(st.integers(0, length - 2))
     changed = list(ids)
     for j in range(t + 1, length):
@@ -95,8 +94,7 @@ def test_one_pass_loss_equals_average_of_prefix_losses(model):
 def test_kv_cache_matches_recomputation(model):
     prompt = [1, 5, 7, 2]
     cached = list(generate_tokens(model, prompt, 16, SamplingParams(temperature=0)))
-    full = list(generate_tokens(model, prompt, 16, SamplingParams(temperature=0),
-                                use_cache=False))
+    full = list(generate_tokens(model, prompt, 16, SamplingParams(temperature=0), use_cache=False))
     assert cached == full
     # logits of every step agree within 1e-4
     ids = prompt + cached
@@ -125,9 +123,18 @@ def test_sequence_longer_than_context_is_a_clear_error(model):
 
 def test_parameter_names_follow_gpt2_layout(model):
     names = set(model.state_dict())
-    for expected in ["wte.weight", "wpe.weight", "h.0.ln_1.weight", "h.0.ln_1.bias",
-                     "h.1.attn.c_attn.weight", "h.1.attn.c_proj.weight", "h.0.ln_2.weight",
-                     "h.0.mlp.c_fc.weight", "h.0.mlp.c_proj.bias", "ln_f.weight"]:
+    for expected in [
+        "wte.weight",
+        "wpe.weight",
+        "h.0.ln_1.weight",
+        "h.0.ln_1.bias",
+        "h.1.attn.c_attn.weight",
+        "h.1.attn.c_proj.weight",
+        "h.0.ln_2.weight",
+        "h.0.mlp.c_fc.weight",
+        "h.0.mlp.c_proj.bias",
+        "ln_f.weight",
+    ]:
         assert expected in names
     assert not any("lm_head" in n for n in names)  # tied to wte
 

@@ -100,8 +100,16 @@ def test_filtered_distribution_is_valid(logits, temperature, top_k, top_p):
     assert p[token] > 0
 
 
-@pytest.mark.parametrize("kwargs", [{"temperature": -1}, {"top_p": 0.0}, {"top_p": 1.5},
-                                    {"top_k": -2}, {"temperature": float("nan")}])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"temperature": -1},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -2},
+        {"temperature": float("nan")},
+    ],
+)
 def test_invalid_sampling_settings_are_rejected(kwargs):
     with pytest.raises(ValueError):
         SamplingParams(**kwargs)

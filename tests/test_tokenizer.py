@@ -30,8 +30,9 @@ def test_char_rejects_unknown_characters_with_a_clear_message():
         tok.encode("abz")
 
 
-@pytest.mark.parametrize("text", ["「私は学校へ行く」", "emoji 😀👍🏽 and 🇯🇵", "", "\x00\t\r\n",
-                                  "mixed Ünïcödé ∑ 𝔘"])
+@pytest.mark.parametrize(
+    "text", ["「私は学校へ行く」", "emoji 😀👍🏽 and 🇯🇵", "", "\x00\t\r\n", "mixed Ünïcödé ∑ 𝔘"]
+)
 def test_bpe_round_trips_any_utf8(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 

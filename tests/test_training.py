@@ -17,7 +17,7 @@ from mlxgpt.data import DataError
 from mlxgpt.model import GPT
 from mlxgpt.model_io import load_model, save_checkpoint
 from mlxgpt.tokenizer import Tokenizer
-from mlxgpt.train import TrainingDiverged, train
+from mlxgpt.train import TrainingDiverged, resolve_config, train
 
 
 def test_training_lowers_the_loss_and_writes_everything(trained_ckpt):
@@ -29,8 +29,14 @@ def test_training_lowers_the_loss_and_writes_everything(trained_ckpt):
     assert evals[-1]["val_loss"] < math.log(40) - 1  # far below a uniform guess
     assert all(r["tokens_per_s"] > 0 for r in steps)
     assert (out / "loss.png").stat().st_size > 1000
-    for name in ["config.json", "model.safetensors", "tokenizer.json", "train_config.json",
-                 "optimizer.safetensors", "state.json"]:
+    for name in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "train_config.json",
+        "optimizer.safetensors",
+        "state.json",
+    ]:
         assert (trained_ckpt / name).is_file()
     assert json.loads((trained_ckpt / "state.json").read_text())["step"] == 40
 
@@ -39,8 +45,7 @@ def test_checkpoint_round_trip(tmp_path):
     tok = Tokenizer.train_char(["abcdefg\n"])
     from mlxgpt.config import GPTConfig
 
-    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2,
-                          n_embd=8))
+    model = GPT(GPTConfig(vocab_size=tok.vocab_size, block_size=8, n_layer=1, n_head=2, n_embd=8))
     save_checkpoint(tmp_path / "ckpt", model, tok)
     again, tok2, path = load_model(tmp_path)  # the out_dir holding ckpt/ is accepted
     x = mx.array([[1, 2, 3]])
@@ -49,15 +54,27 @@ def test_checkpoint_round_trip(tmp_path):
 
 
 def test_resumed_run_reaches_the_same_losses(corpus_file, tmp_path):
-    full = train(tiny_train_config(corpus_file, tmp_path / "a", max_iters=30,
-                                   model={"dropout": 0.1}), progress=False, quiet=True)
-    first = train(tiny_train_config(corpus_file, tmp_path / "b", max_iters=30, stop_at=12,
-                                    model={"dropout": 0.1}), progress=False, quiet=True)
+    full = train(
+        tiny_train_config(corpus_file, tmp_path / "a", max_iters=30, model={"dropout": 0.1}),
+        progress=False,
+        quiet=True,
+    )
+    first = train(
+        tiny_train_config(
+            corpus_file, tmp_path / "b", max_iters=30, stop_at=12, model={"dropout": 0.1}
+        ),
+        progress=False,
+        quiet=True,
+    )
     assert first["step"] == 12
-    rest = train(load_train_config(None, {}) if False else
-                 tiny_train_config(corpus_file, tmp_path / "b", max_iters=30,
-                                   model={"dropout": 0.1}),
-                 resume=str(tmp_path / "b"), progress=False, quiet=True)
+    cfg = resolve_config(None, {}, resume=str(tmp_path / "b"))  # as `mlxgpt train --resume`
+    assert cfg.stop_at == 0 and cfg.max_iters == 30
+    rest = train(
+        cfg,
+        resume=str(tmp_path / "b"),
+        progress=False,
+        quiet=True,
+    )
     assert rest["start_step"] == 12 and rest["step"] == 30
     np.testing.assert_allclose(first["losses"] + rest["losses"], full["losses"], rtol=1e-5)
     assert rest["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
@@ -70,8 +87,15 @@ def test_resumed_run_reaches_the_same_losses(corpus_file, tmp_path):
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(corpus_file, tmp_path):
     out = tmp_path / "run"
     train(tiny_train_config(corpus_file, out, max_iters=20), progress=False, quiet=True)
-    cfg = tiny_train_config(corpus_file, out, max_iters=60, learning_rate=1e30,
-                            warmup_iters=0, grad_clip=0.0, ckpt_interval=1)
+    cfg = tiny_train_config(
+        corpus_file,
+        out,
+        max_iters=60,
+        learning_rate=1e30,
+        warmup_iters=0,
+        grad_clip=0.0,
+        ckpt_interval=1,
+    )
     with pytest.raises(TrainingDiverged, match="intact") as info:
         train(cfg, resume=str(out), progress=False, quiet=True)
     failed_at = int(re.search(r"(?:at|after) step (\d+)", str(info.value)).group(1))
@@ -122,8 +146,9 @@ def test_missing_and_corrupt_checkpoints_are_clear_errors(tmp_path, trained_ckpt
     (bad / "config.json").write_text("{ nope")
     with pytest.raises(CheckpointError, match="config.json is corrupt"):
         load_model(bad)
-    (bad / "config.json").write_text(json.dumps({"n_layer": 3, "n_embd": 32, "n_head": 2,
-                                                 "vocab_size": 5, "block_size": 32}))
+    (bad / "config.json").write_text(
+        json.dumps({"n_layer": 3, "n_embd": 32, "n_head": 2, "vocab_size": 5, "block_size": 32})
+    )
     with pytest.raises(CheckpointError, match="does not match config.json"):
         load_model(bad)
     (bad / "tokenizer.json").unlink()
@@ -148,8 +173,12 @@ def test_unknown_config_keys_and_bad_values_are_rejected():
 
 @pytest.mark.parametrize(
     "content, message",
-    [(b"", "is empty"), (b"   \n\n", "is empty"), (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text"),
-     (b"caf\xe9 latin-1", "not UTF-8")],
+    [
+        (b"", "is empty"),
+        (b"   \n\n", "is empty"),
+        (b"\x89PNG\r\n\x1a\n\x00\x00", "not a text"),
+        (b"caf\xe9 latin-1", "not UTF-8"),
+    ],
 )
 def test_bad_data_files_are_clear_errors(tmp_path, content, message):
     path = tmp_path / "data.txt"
@@ -171,8 +200,18 @@ def test_folder_of_text_files_and_bpe(tmp_path, corpus_file):
     text = corpus_file.read_text()
     (folder / "a.txt").write_text(text[: len(text) // 2])
     (folder / "b.txt").write_text(text[len(text) // 2 :] + " 私は学校へ行く 😀")
-    result = train(tiny_train_config(folder, tmp_path / "out", tokenizer="bpe",
-                                     bpe_vocab_size=300, max_iters=10, eval_interval=10,
-                                     ckpt_interval=10), progress=False, quiet=True)
+    result = train(
+        tiny_train_config(
+            folder,
+            tmp_path / "out",
+            tokenizer="bpe",
+            bpe_vocab_size=300,
+            max_iters=10,
+            eval_interval=10,
+            ckpt_interval=10,
+        ),
+        progress=False,
+        quiet=True,
+    )
     assert result["tokenizer"].kind == "bpe" and result["model"].config.vocab_size == 300
     assert math.isfinite(result["val_loss"])
