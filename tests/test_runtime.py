@@ -1,0 +1,260 @@
+"""The onnxruntime runtime: same text as MLX, batches, streaming, errors, CLI, no MLX at all."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CORPUS
+from test_export_support import mlx_model
+
+from export.cli import main as ort_main
+from export.errors import ExportFolderError, InputError
+from export.exporter import export_checkpoint
+from export.runtime import FOLDER_FILES, OnnxGPT
+from mlxgpt.generate import generate_text, generate_tokens
+from mlxgpt.sampling import SamplingParams
+from mlxgpt.tokenizer import TokenizerError, prompt_ids
+
+REPO = Path(__file__).resolve().parents[1]
+LONG_PROMPT = CORPUS[:60]  # longer than the trained model's 32-token window
+
+
+@pytest.fixture(scope="module", params=["portable", "fused"])
+def exported(request, trained_ckpt: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ort") / request.param
+    export_checkpoint(trained_ckpt, out, attention=request.param, quiet=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def ort(exported: Path) -> OnnxGPT:
+    return OnnxGPT.load(exported)
+
+
+@pytest.fixture(scope="module")
+def mlx(trained_ckpt: Path):
+    return mlx_model(trained_ckpt)
+
+
+SETTINGS = [
+    SamplingParams(temperature=0.0),
+    SamplingParams(temperature=0.8, seed=1),
+    SamplingParams(temperature=1.0, top_k=5, seed=2),
+    SamplingParams(temperature=0.9, top_p=0.8, seed=3),
+    SamplingParams(temperature=1.3, top_k=10, top_p=0.95, seed=4),
+]
+
+
+def settings_id(p: SamplingParams) -> str:
+    return f"t{p.temperature}-k{p.top_k}-p{p.top_p}"
+
+
+PROMPTS = {"short": "First Citizen:", "empty": "", "long": LONG_PROMPT}
+
+
+@pytest.mark.parametrize("params", SETTINGS, ids=settings_id)
+@pytest.mark.parametrize("prompt", PROMPTS.values(), ids=PROMPTS.keys())
+def test_same_text_as_mlx(ort: OnnxGPT, mlx, prompt: str, params: SamplingParams):
+    """Same checkpoint, prompt, settings and seed: MLX and onnxruntime write the same text."""
+    model, tokenizer = mlx
+    expected = "".join(generate_text(model, tokenizer, prompt, 40, params))
+    assert "".join(ort.generate(prompt, 40, params)) == expected
+
+
+def test_generation_streams(ort: OnnxGPT):
+    stream = ort.generate("All:", 30, SamplingParams(temperature=0.8, seed=5))
+    assert iter(stream) is stream  # an iterator: pieces arrive as they are generated
+    first = next(stream)
+    pieces = [first, *stream]
+    assert len(pieces) > 1
+    ids = ort.generate_ids(prompt_ids(ort.tokenizer, "All:"), 30, SamplingParams(0.8, seed=5))
+    assert "".join(pieces) == ort.tokenizer.decode(list(ids))
+
+
+@pytest.mark.parametrize("params", [SETTINGS[0], SETTINGS[4]], ids=settings_id)
+def test_left_padded_batch_gives_each_prompts_own_tokens(ort: OnnxGPT, mlx, params):
+    """Each row equals that prompt generated alone (ORT and MLX), across the window slide."""
+    model, tokenizer = mlx
+    prompts = ["First Citizen:", "All:", "Y", "", LONG_PROMPT]
+    ids = [prompt_ids(tokenizer, p) for p in prompts]
+    steps = list(ort.generate_batch_ids(ids, 40, params))
+    rows = [list(col) for col in zip(*steps, strict=True)]
+    for row, prompt in zip(rows, ids, strict=True):
+        assert row == list(ort.generate_ids(prompt, 40, params))
+        assert row == list(generate_tokens(model, prompt, 40, params))
+    texts = ort.generate_batch(prompts, 40, params)
+    assert texts == [tokenizer.decode(row) for row in rows]
+
+
+def test_batch_of_identical_prompts_with_a_seed_gives_identical_rows(ort: OnnxGPT):
+    texts = ort.generate_batch(["All:", "All:"], 20, SamplingParams(temperature=1.0, seed=9))
+    assert texts[0] == texts[1]
+
+
+def test_defaults_come_from_generation_config(ort: OnnxGPT):
+    params = ort.default_params()
+    generation = ort.generation
+    assert (params.temperature, params.top_k or 0, params.top_p) == (
+        generation["temperature"], generation["top_k"], generation["top_p"],
+    )  # fmt: skip
+    assert len(list(ort.generate_ids([1, 2], params=SamplingParams(0.0)))) == 200
+
+
+# -- errors ---------------------------------------------------------------------------------
+def test_token_ids_out_of_range(ort: OnnxGPT):
+    vocab = ort.config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(InputError, match=rf"out of range.*0\.\.{vocab - 1}"):
+            ort.forward([[1, bad]])
+        with pytest.raises(InputError, match="out of range"):
+            list(ort.generate_ids([1, bad], 3))
+        with pytest.raises(InputError, match="out of range"):
+            list(ort.generate_batch_ids([[1], [bad]], 3))
+
+
+def test_forward_refuses_sequences_longer_than_the_window(ort: OnnxGPT):
+    block = ort.config.block_size
+    with pytest.raises(InputError, match=f"{block + 1} tokens exceeds the context window"):
+        ort.forward([[1] * (block + 1)])
+    _, past = ort.forward([[1] * block])
+    with pytest.raises(InputError, match="context window"):
+        ort.forward([[1]], past=past)
+
+
+def test_prompt_with_unknown_characters(ort: OnnxGPT):
+    with pytest.raises(TokenizerError, match="not in this model's character vocabulary"):
+        list(ort.generate("Ω", 3))
+
+
+@pytest.mark.parametrize("missing", FOLDER_FILES)
+def test_missing_file_in_export_folder(exported: Path, tmp_path: Path, missing: str):
+    folder = shutil.copytree(exported, tmp_path / "copy")
+    (folder / missing).unlink()
+    with pytest.raises(ExportFolderError, match=f"incomplete: missing {missing}"):
+        OnnxGPT.load(folder)
+
+
+def test_missing_or_corrupt_export_folder(exported: Path, tmp_path: Path):
+    with pytest.raises(ExportFolderError, match="does not exist.*mlxgpt export"):
+        OnnxGPT.load(tmp_path / "nope")
+    folder = shutil.copytree(exported, tmp_path / "copy")
+    (folder / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(ExportFolderError, match="model.onnx cannot be loaded"):
+        OnnxGPT.load(folder)
+    config = json.loads((exported / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 5}))
+    shutil.copy(exported / "model.onnx", folder / "model.onnx")
+    with pytest.raises(ExportFolderError, match="do not match config.json"):
+        OnnxGPT.load(folder)
+
+
+# -- the mlxgpt-ort command -----------------------------------------------------------------
+def test_cli_generate_streams_the_same_text(exported: Path, ort: OnnxGPT, capsys):
+    args = ["generate", str(exported), "--prompt", "First", "--max-tokens", "30", "--seed", "3"]
+    assert ort_main(args) == 0
+    expected = "".join(ort.generate("First", 30, SamplingParams(temperature=0.8, seed=3)))
+    assert capsys.readouterr().out == "First" + expected + "\n"
+
+
+def test_cli_batch_and_long_prompt_note(exported: Path, ort: OnnxGPT, tmp_path: Path, capsys):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"All:\n\nFirst Citizen:\n{LONG_PROMPT.replace(chr(10), ' ')}\n")
+    args = ["generate", str(exported), "--prompts-file", str(prompts), "--temperature", "0"]
+    assert ort_main([*args, "--max-tokens", "12"]) == 0
+    captured = capsys.readouterr()
+    lines = [p for p in prompts.read_text().splitlines() if p]
+    texts = ort.generate_batch(lines, 12, SamplingParams(temperature=0.0))
+    for i, (prompt, text) in enumerate(zip(lines, texts, strict=True), 1):
+        assert f"--- prompt {i} ---\n{prompt}{text}\n" in captured.out
+    assert "the model sees only the last 32" in captured.err
+
+
+def test_cli_errors(exported: Path, tmp_path: Path, capsys):
+    cases = [
+        (["generate", str(tmp_path / "nope")], "does not exist"),
+        (["generate", str(exported), "--prompt", "Ω"], "character vocabulary"),
+        (["generate", str(exported), "--prompt", "a", "--prompts-file", "x"], "either"),
+        (["generate", str(exported), "--prompts-file", str(tmp_path / "x")], "cannot read"),
+    ]
+    for args, message in cases:
+        assert ort_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_info_and_python_dash_m(exported: Path):
+    result = subprocess.run(
+        [sys.executable, "-m", "export", "info", str(exported)],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "parity measured at export" in result.stdout and '"passed": true' in result.stdout
+
+
+# -- without MLX ----------------------------------------------------------------------------
+NO_MLX = """
+import sys
+
+class BlockMLX:
+    '''Make `import mlx` (and mlx.*) fail, as on a machine where MLX is not installed.'''
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "mlx" or name.startswith("mlx."):
+            raise ImportError(f"No module named {name!r} (MLX is blocked in this test)")
+        return None
+
+sys.meta_path.insert(0, BlockMLX())
+"""
+
+WITHOUT_MLX_SCRIPT = """
+import io, json, contextlib
+try:
+    import mlx.core
+    mlx_importable = True
+except ImportError:
+    mlx_importable = False
+
+from export.exporter import export_checkpoint
+from export.runtime import OnnxGPT
+from export.cli import main
+from mlxgpt.sampling import SamplingParams
+
+ckpt, out, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])
+export_checkpoint(ckpt, out, quiet=True)
+model = OnnxGPT.load(out)
+ids = list(model.generate_ids(prompt, 20, SamplingParams(temperature=0.8, seed=7)))
+batch = list(model.generate_batch_ids([prompt, prompt[:2]], 5, SamplingParams(temperature=0)))
+with contextlib.redirect_stdout(io.StringIO()) as cli_out:
+    rc = main(["generate", out, "--prompt", "All:", "--max-tokens", "5"])
+print(json.dumps({
+    "mlx_importable": mlx_importable,
+    "mlx_modules": sorted(m for m in sys.modules if m == "mlx" or m.startswith("mlx.")),
+    "ids": ids, "batch_steps": len(batch), "cli_rc": rc, "cli_out": cli_out.getvalue(),
+}))
+"""
+
+
+def test_export_and_runtime_work_without_mlx(trained_ckpt: Path, mlx, tmp_path: Path):
+    """In a process where `import mlx` fails: export, load, generate (API and CLI)."""
+    model, tokenizer = mlx
+    prompt = prompt_ids(tokenizer, "First Citizen:")
+    code = textwrap.dedent(NO_MLX) + textwrap.dedent(WITHOUT_MLX_SCRIPT)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(trained_ckpt), str(tmp_path / "out"), json.dumps(prompt)],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["mlx_importable"] is False and report["mlx_modules"] == []
+    expected = list(generate_tokens(model, prompt, 20, SamplingParams(temperature=0.8, seed=7)))
+    assert report["ids"] == expected  # the same tokens MLX generates, computed without MLX
+    assert report["batch_steps"] == 5 and report["cli_rc"] == 0
+    assert report["cli_out"].startswith("All:") and len(report["cli_out"]) > len("All:\n")
+    assert np.all(np.array(report["ids"]) < tokenizer.vocab_size)
