@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from mlxgpt.config import ConfigError, GPTConfig, gpt_config_from_dict
+from mlxgpt.tokenizer import Tokenizer, TokenizerError
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
@@ -74,6 +75,20 @@ def read_config(ckpt: Path) -> GPTConfig:
         return gpt_config_from_dict(read_json(ckpt / "config.json"))
     except ConfigError as err:
         raise CheckpointError(f"{ckpt / 'config.json'} is invalid: {err}") from None
+
+
+def read_tokenizer(ckpt: Path, config: GPTConfig) -> Tokenizer:
+    """The checkpoint's tokenizer, checked against the config's vocab_size."""
+    try:
+        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
+    except TokenizerError as err:
+        raise CheckpointError(str(err)) from None
+    if tokenizer.vocab_size != config.vocab_size:
+        raise CheckpointError(
+            f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, config.json says "
+            f"vocab_size={config.vocab_size}"
+        )
+    return tokenizer
 
 
 def expected_shapes(config: GPTConfig) -> dict[str, tuple[int, ...]]:

@@ -17,13 +17,14 @@ from mlxgpt.checkpoint import (
     CheckpointError,
     read_config,
     read_json,
+    read_tokenizer,
     read_weights,
     resolve,
     write_atomic_dir,
     write_json,
 )
 from mlxgpt.model import GPT
-from mlxgpt.tokenizer import Tokenizer, TokenizerError
+from mlxgpt.tokenizer import Tokenizer
 
 
 def save_checkpoint(
@@ -57,15 +58,7 @@ def load_model(path: str | Path, dtype: mx.Dtype = mx.float32) -> tuple[GPT, Tok
     ckpt = resolve(path)
     config = read_config(ckpt)
     weights = read_weights(ckpt, config)
-    try:
-        tokenizer = Tokenizer.load(ckpt / "tokenizer.json")
-    except TokenizerError as err:
-        raise CheckpointError(str(err)) from None
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(
-            f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, config.json says "
-            f"vocab_size={config.vocab_size}"
-        )
+    tokenizer = read_tokenizer(ckpt, config)
     model = GPT(config)
     model.update(tree_unflatten([(k, mx.array(v, dtype=dtype)) for k, v in weights.items()]))
     model.eval()
