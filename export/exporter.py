@@ -39,15 +39,15 @@ from export.runtime import (
     make_session,
 )
 from mlxgpt.checkpoint import (
-    CheckpointError,
     read_config,
+    read_tokenizer,
     read_weights,
     resolve,
     write_atomic_dir,
     write_json,
 )
 from mlxgpt.config import GPTConfig
-from mlxgpt.tokenizer import Tokenizer, TokenizerError
+from mlxgpt.tokenizer import Tokenizer
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
 
@@ -92,15 +92,7 @@ def _check_out_dir(out: Path, ckpt: Path, force: bool) -> None:
 def _load_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, np.ndarray], Tokenizer]:
     config = read_config(ckpt)
     weights = read_weights(ckpt, config)
-    try:
-        tokenizer = Tokenizer.load(ckpt / TOKENIZER_FILE)
-    except TokenizerError as err:
-        raise CheckpointError(str(err)) from None
-    if tokenizer.vocab_size != config.vocab_size:
-        raise CheckpointError(
-            f"{ckpt}: tokenizer has {tokenizer.vocab_size} tokens, config.json says "
-            f"vocab_size={config.vocab_size}"
-        )
+    tokenizer = read_tokenizer(ckpt, config)
     size = sum(w.nbytes for w in weights.values())
     if size > PROTOBUF_LIMIT:
         raise ExportError(

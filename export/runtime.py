@@ -24,7 +24,6 @@ a sequence longer than the window is an :class:`~export.errors.InputError`.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,9 +33,10 @@ import onnxruntime as ort
 
 from export import signature as sig
 from export.errors import ExportFolderError, InputError
-from mlxgpt.config import ConfigError, GPTConfig, gpt_config_from_dict
+from mlxgpt.checkpoint import CheckpointError, read_config, read_json, read_tokenizer
+from mlxgpt.config import GPTConfig
 from mlxgpt.sampling import SamplingParams, StepFn, crop_prompt, generate_ids, sample_next
-from mlxgpt.tokenizer import Tokenizer, TokenizerError, prompt_ids, stream_text
+from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -57,16 +57,6 @@ def check_token_ids(ids: np.ndarray | Sequence[int], vocab_size: int) -> None:
             f"token id(s) {bad[:5].tolist()} out of range: this model's vocabulary has ids "
             f"0..{vocab_size - 1}"
         )
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ExportFolderError(f"{path} is corrupt or unreadable: {err}") from None
-    if not isinstance(data, dict):
-        raise ExportFolderError(f"{path} is corrupt: expected a JSON object")
-    return data
 
 
 def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
@@ -117,20 +107,12 @@ class OnnxGPT:
                 f"export folder {folder} is incomplete: missing {', '.join(missing)} "
                 "(export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`)"
             )
-        try:
-            config = gpt_config_from_dict(_read_json(folder / CONFIG_FILE))
-        except ConfigError as err:
-            raise ExportFolderError(f"{folder / CONFIG_FILE} is invalid: {err}") from None
-        try:
-            tokenizer = Tokenizer.load(folder / TOKENIZER_FILE)
-        except TokenizerError as err:
+        try:  # the folder holds a checkpoint's config and tokenizer files: same readers
+            config = read_config(folder)
+            tokenizer = read_tokenizer(folder, config)
+            generation = read_json(folder / GENERATION_FILE)
+        except CheckpointError as err:
             raise ExportFolderError(str(err)) from None
-        if tokenizer.vocab_size != config.vocab_size:
-            raise ExportFolderError(
-                f"{folder / TOKENIZER_FILE} has {tokenizer.vocab_size} tokens but "
-                f"{CONFIG_FILE} says vocab_size={config.vocab_size}"
-            )
-        generation = _read_json(folder / GENERATION_FILE)
         try:
             session = make_session(folder / MODEL_FILE, threads)
         except Exception as err:  # onnxruntime raises its own exception types
