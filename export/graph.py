@@ -74,7 +74,9 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, [output], name=output, **attrs))
         return output
 
-    def op_multi(self, op_type: str, inputs: list[str], outputs: list[str], **attrs: Any):
+    def op_multi(
+        self, op_type: str, inputs: list[str], outputs: list[str], **attrs: Any
+    ) -> list[str]:
         self.nodes.append(helper.make_node(op_type, inputs, outputs, name=outputs[0], **attrs))
         return outputs
 
