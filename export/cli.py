@@ -22,24 +22,17 @@ from pathlib import Path
 from export.errors import ExportError
 from export.runtime import MODEL_FILE, OnnxGPT
 from mlxgpt import __version__
-from mlxgpt.cli import add_sampling_args, positive_int, sampling_params
+from mlxgpt.cli import (
+    add_sampling_args,
+    note_long_prompts,
+    positive_int,
+    run_command,
+    sampling_params,
+)
 from mlxgpt.config import ConfigError
-from mlxgpt.tokenizer import TokenizerError, prompt_ids
+from mlxgpt.tokenizer import TokenizerError
 
 USER_ERRORS = (ExportError, TokenizerError, ConfigError)
-
-
-def _note_long_prompts(model: OnnxGPT, prompts: list[str]) -> None:
-    assert model.tokenizer is not None
-    block = model.config.block_size
-    for prompt in prompts:
-        n = len(prompt_ids(model.tokenizer, prompt))
-        if n > block:
-            print(
-                f"note: a prompt has {n} tokens; the model sees only the last {block} "
-                "(its context window)",
-                file=sys.stderr,
-            )
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -60,12 +53,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = OnnxGPT.load(args.folder, threads=args.threads)
     if args.prompts_file:
         prompts = _read_prompts(args.prompts_file)
-        _note_long_prompts(model, prompts)
+        note_long_prompts(model.tokenizer, prompts, model.config.block_size)
         texts = model.generate_batch(prompts, args.max_tokens, params)
         for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True), 1):
             print(f"--- prompt {i} ---\n{prompt}{text}")
         return 0
-    _note_long_prompts(model, [args.prompt])
+    note_long_prompts(model.tokenizer, [args.prompt], model.config.block_size)
     sys.stdout.write(args.prompt)
     for piece in model.generate(args.prompt, args.max_tokens, params):
         sys.stdout.write(piece)
@@ -115,15 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, USER_ERRORS)
 
 
 if __name__ == "__main__":

@@ -12,26 +12,26 @@ from collections.abc import Callable, Sequence
 
 from mlxgpt import __version__
 from mlxgpt.sampling import SamplingParams
+from mlxgpt.tokenizer import Tokenizer, prompt_ids
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number >= ``minimum``, with a message saying so."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
 
 
 def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
@@ -90,6 +90,35 @@ def sampling_params(args: argparse.Namespace) -> SamplingParams:
     )
 
 
+def note_long_prompts(tokenizer: Tokenizer, prompts: Sequence[str], block_size: int) -> None:
+    """Tell the user (on stderr) when a prompt will be cropped to the context window."""
+    for prompt in prompts:
+        n = len(prompt_ids(tokenizer, prompt))
+        if n > block_size:
+            print(
+                f"note: a prompt has {n} tokens; the model sees only the last {block_size} "
+                "(its context window)",
+                file=sys.stderr,
+            )
+
+
+def run_command(
+    parser: argparse.ArgumentParser,
+    argv: Sequence[str] | None,
+    errors: tuple[type[BaseException], ...],
+) -> int:
+    """Parse ``argv`` and run the chosen subcommand; ``errors`` become one clean line."""
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from mlxgpt.config import merge, parse_overrides
     from mlxgpt.train import resolve_config, train
@@ -131,17 +160,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from mlxgpt.generate import generate_text
     from mlxgpt.model_io import load_model
-    from mlxgpt.tokenizer import prompt_ids
 
     params = sampling_params(args)
     model, tokenizer, _ = load_model(args.checkpoint)
-    n_prompt = len(prompt_ids(tokenizer, args.prompt))
-    if n_prompt > model.config.block_size:
-        print(
-            f"note: the prompt has {n_prompt} tokens; the model sees only the last "
-            f"{model.config.block_size} (its context window)",
-            file=sys.stderr,
-        )
+    note_long_prompts(tokenizer, [args.prompt], model.config.block_size)
     sys.stdout.write(args.prompt)
     for piece in generate_text(model, tokenizer, args.prompt, args.max_tokens, params):
         sys.stdout.write(piece)
@@ -285,16 +307,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except user_errors() as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return run_command(build_parser(), argv, user_errors())
 
 
 if __name__ == "__main__":
