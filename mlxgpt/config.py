@@ -32,7 +32,7 @@ class GPTConfig:
     """Shape of the network; saved as ``config.json`` beside the weights."""
 
     vocab_size: int = 65
-    block_size: int = 128  # context window in tokens
+    block_size: int = 64  # context window in tokens
     n_layer: int = 4
     n_head: int = 4
     n_embd: int = 128
@@ -65,13 +65,13 @@ class TrainConfig:
     bpe_vocab_size: int = 512  # only for tokenizer = "bpe"
     val_fraction: float = 0.1
     seed: int = 1337
-    batch_size: int = 16
+    batch_size: int = 32
     grad_accum: int = 1
     max_iters: int = 1000
     stop_at: int = 0  # stop (with a checkpoint) at this step without changing the schedule
-    learning_rate: float = 1e-3
-    min_lr: float = 1e-4
-    warmup_iters: int = 100
+    learning_rate: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_iters: int = 50
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.99
