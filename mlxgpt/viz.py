@@ -110,36 +110,37 @@ def format_mask_example(ex: MaskExample) -> str:
     """The worked example as text: one line per key position, then the checks."""
     i, n = ex.row, ex.size
     masked = ex.mask != 0
-    allowed = f"j = 0..{i}" if i else "j = 0"
-    future = (f"j = {i + 1}..{n - 1}" if i + 2 < n else f"j = {n - 1}") if i < n - 1 else ""
+    past = f"j = 0..{i}" if i else "j = 0"
+    future = f"j = {i + 1}..{n - 1}" if i + 2 < n else f"j = {n - 1}"
     lines = [
         f"Worked example: query position i = {i} of {n} (positions count from 0).",
         f"Query and key vectors are random (seed {ex.seed}, d = {EXAMPLE_HEAD_SIZE}).",
         "",
         f"step 1  raw scores     s_j = q_{i} . k_j / sqrt(d), for every key j",
-        f"step 2  apply the mask s_j + M[{i}, j]: 0 for {allowed}"
-        + (f", -inf for the future ({future})" if future else " (no future keys in this row)"),
+        f"step 2  apply the mask s_j + M[{i}, j]: 0 for {past}"
+        + (f", -inf for the future ({future})" if masked.any() else " (no future keys here)"),
         "step 3  softmax        p_j = exp(s_j - max) / sum_k exp(s_k - max)",
         "",
         f"{'key j':>5}  {'raw score':>10}  {'mask':>5}  {'masked score':>12}  {'probability':>11}",
     ]
     for j in range(n):
         if masked[j]:
-            lines.append(f"{j:5d}  {ex.scores[j]:10.4f}  {'-inf':>5}  {'-inf':>12}  "
-                         f"{ex.probs[j]:11.6f}  (future: exactly 0)")
+            mask, score, note = "-inf", "-inf", "  (future: exactly 0)"
         else:
-            lines.append(f"{j:5d}  {ex.scores[j]:10.4f}  {'0':>5}  {ex.scores[j] + ex.mask[j]:12.4f}"
-                         f"  {ex.probs[j]:11.6f}")
-    total = float(ex.probs.astype(np.float64).sum())
-    zeros = "all exactly 0" if np.all(ex.probs[masked] == 0) else "NOT all 0"
-    lines += [
-        "",
-        f"sum of probabilities: {total:.6f}"
-        + (f"; masked (future) keys: {zeros}" if masked.any() else ""),
-        f"(-inf is shown for readability: causal_mask adds {float(ex.mask.min()):.4g}, the most\n"
-        " negative float32, so exp() gives exactly 0 and a row can never become NaN.)"
-        if masked.any() else "(this is the last row: every key is in the past, nothing is masked)",
-    ]
+            mask, score, note = "0", f"{ex.scores[j] + ex.mask[j]:.4f}", ""
+        lines.append(
+            f"{j:5d}  {ex.scores[j]:10.4f}  {mask:>5}  {score:>12}  {ex.probs[j]:11.6f}{note}"
+        )
+    lines += ["", f"sum of probabilities: {ex.probs.astype(np.float64).sum():.6f}"]
+    if masked.any():
+        zeros = "all exactly 0" if np.all(ex.probs[masked] == 0) else "NOT all 0"
+        lines[-1] += f"; masked (future) keys: {zeros}"
+        lines += [
+            f"(-inf is shown for readability: causal_mask adds {ex.mask.min():.4g}, the most",
+            " negative float32, so exp() gives exactly 0 and a row can never become NaN.)",
+        ]
+    else:
+        lines.append("(this is the last row: every key is in the past, nothing is masked)")
     return "\n".join(lines)
 
 
@@ -157,8 +158,15 @@ def draw_mask(size: int, row: int | None = None) -> Figure:
     if size <= 16:  # write the additive mask value into each cell
         for i in range(size):
             for j in range(size):
-                ax.text(j, i, "0" if allowed[i, j] else "−∞", ha="center", va="center",
-                        fontsize=9, color="white" if allowed[i, j] else "#777777")
+                ax.text(
+                    j,
+                    i,
+                    "0" if allowed[i, j] else "−∞",
+                    ha="center",
+                    va="center",
+                    fontsize=9,
+                    color="white" if allowed[i, j] else "#777777",
+                )
     if size <= 32:
         ax.set_xticks(range(size))
         ax.set_yticks(range(size))
@@ -166,11 +174,15 @@ def draw_mask(size: int, row: int | None = None) -> Figure:
     ax.xaxis.set_label_position("top")
     ax.set_xlabel("key position j (the token being looked at)")
     ax.set_ylabel("query position i (the token doing the looking)")
-    handles = [Patch(color=ALLOWED_COLOR, label="allowed: j ≤ i (mask adds 0)"),
-               Patch(color=MASKED_COLOR, label="masked: the future, j > i (mask adds −∞ → weight 0)")]
+    handles = [
+        Patch(color=ALLOWED_COLOR, label="allowed: j ≤ i (mask adds 0)"),
+        Patch(color=MASKED_COLOR, label="masked: the future, j > i (mask adds −∞ → weight 0)"),
+    ]
     if row is not None:
         ax.add_patch(Rectangle((-0.5, row - 0.5), size, 1, fill=False, ec="#d62728", lw=2.5))
-        handles.append(Patch(fill=False, ec="#d62728", lw=2, label=f"worked example: row i = {row}"))
+        handles.append(
+            Patch(fill=False, ec="#d62728", lw=2, label=f"worked example: row i = {row}")
+        )
     fig.legend(handles=handles, loc="outside lower center", frameon=False, fontsize=9)
     fig.suptitle(f"Causal mask, {size} x {size}: position i may attend only to j ≤ i")
     return fig
@@ -180,13 +192,13 @@ def mask_command(size: int, out: str | None = None) -> tuple[Path, MaskExample |
     """``mlxgpt viz mask``: write the mask PNG and print the worked example (size <= 64)."""
     check_size(size, MAX_MASK_SIZE, "the mask picture")
     example = mask_example(size) if size <= MAX_EXAMPLE_SIZE else None
-    path = _save(draw_mask(size, None if example is None else example.row),
-                 out or f"causal_mask_{size}.png")
+    path = _save(
+        draw_mask(size, None if example is None else example.row), out or f"causal_mask_{size}.png"
+    )
     if example is not None:
         print(format_mask_example(example))
     else:
-        print(f"(the worked example is printed for sizes up to {MAX_EXAMPLE_SIZE}; "
-              "try --size 8)")
+        print(f"(the worked example is printed for sizes up to {MAX_EXAMPLE_SIZE}; try --size 8)")
     print(f"\nwrote {path} ({size} x {size} causal mask)")
     return path, example
 
@@ -203,11 +215,16 @@ class AttentionMaps:
     dropped: int  # tokens cut from the front of the prompt to fit the context window
 
 
+def future_positions(T: int) -> np.ndarray:
+    """``(T, T)`` booleans, True above the diagonal: keys in the query's future."""
+    return np.triu(np.ones((T, T), dtype=bool), k=1)
+
+
 def compute_attention(model: GPT, tokenizer: Tokenizer, prompt: str) -> AttentionMaps:
     """Attention weights of ``model`` reading ``prompt`` (its last ``block_size`` tokens)."""
     ids = tokenizer.encode(prompt)
     if not ids:
-        raise VizError("the prompt is empty: give some text with --prompt \"...\"")
+        raise VizError('the prompt is empty: give some text with --prompt "..."')
     block_size = model.config.block_size
     dropped = max(0, len(ids) - block_size)
     ids = ids[dropped:]
@@ -225,52 +242,71 @@ def draw_attention(maps: AttentionMaps, title: str = "") -> Figure:
     """
     plt = _pyplot()
     n_layer, n_head, T, _ = maps.weights.shape
-    panel = min(6.0, max(2.6, 0.16 * T + 1.2))
-    fig, axes = plt.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True,
-                             figsize=(n_head * panel + 1.4, n_layer * panel + 1.2),
-                             layout="constrained")
+    panel = min(5.0, max(2.2, 0.12 * T + 0.9))  # inches per heatmap
+    fig, axes = plt.subplots(
+        n_layer,
+        n_head,
+        squeeze=False,
+        sharex=True,
+        sharey=True,
+        figsize=(n_head * panel + 1.4, n_layer * panel + 1.2),
+        layout="constrained",
+    )
     cmap = plt.get_cmap("viridis").with_extremes(bad=MASKED_COLOR)
-    future = np.triu(np.ones((T, T), dtype=bool), k=1)
-    labelled = T <= 48
+    future = future_positions(T)
+    labelled = T <= 48  # beyond that, token labels overlap: keep numeric ticks
+    wide = any(len(t) > 1 for t in maps.tokens)  # multi-character (BPE) labels: rotate
     image = None
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer, head]
             w = maps.weights[layer, head]
-            image = ax.imshow(np.ma.masked_where(future & (w == 0), w), cmap=cmap,
-                              vmin=0.0, vmax=1.0, interpolation="nearest")
+            image = ax.imshow(
+                np.ma.masked_where(future & (w == 0), w),
+                cmap=cmap,
+                vmin=0.0,
+                vmax=1.0,
+                interpolation="nearest",
+            )
             ax.set_title(f"layer {layer} · head {head}", fontsize=10)
             if labelled:
-                ax.set_xticks(range(T), maps.tokens, rotation=90, fontsize=7)
-                ax.set_yticks(range(T), maps.tokens, fontsize=7)
+                ax.set_xticks(range(T), maps.tokens, fontsize=8, rotation=90 if wide else 0)
+                ax.set_yticks(range(T), maps.tokens, fontsize=8)
             if head == 0:
                 ax.set_ylabel("query (looking)")
             if layer == n_layer - 1:
                 ax.set_xlabel("key (looked at)")
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight (each row sums to 1)")
-    fig.suptitle(title + ("\n" if title else "") + "grey: masked future positions (weight "
-                 "exactly 0)", fontsize=11)
+    fig.suptitle(
+        title + ("\n" if title else "") + "grey: masked future positions (weight exactly 0)",
+        fontsize=11,
+    )
     return fig
 
 
-def attention_command(checkpoint: str, prompt: str, out: str | None = None
-                      ) -> tuple[Path, AttentionMaps]:
+def attention_command(
+    checkpoint: str, prompt: str, out: str | None = None
+) -> tuple[Path, AttentionMaps]:
     """``mlxgpt viz attention``: write the attention grid PNG of a checkpoint."""
     from mlxgpt.model_io import load_model
 
-    model, tokenizer, ckpt = load_model(checkpoint)
+    model, tokenizer, _ = load_model(checkpoint)
     maps = compute_attention(model, tokenizer, prompt)
     n_layer, n_head, T, _ = maps.weights.shape
     if maps.dropped:
-        print(f"note: the prompt has {T + maps.dropped} tokens; showing its last {T} "
-              f"(the context window, block_size={T})")
-    shown = prompt if len(prompt) <= 40 else prompt[:37] + "..."
-    fig = draw_attention(maps, f"Attention weights of {ckpt.name} for {shown!r}")
+        print(
+            f"note: the prompt has {T + maps.dropped} tokens; showing its last {T} "
+            f"(the context window, block_size={T})"
+        )
+    shown = prompt if len(prompt) <= 40 else "..." + prompt[-37:]  # the end is what is drawn
+    fig = draw_attention(maps, f"Attention weights of {checkpoint} for {shown!r}")
     path = _save(fig, out or "attention.png")
     w = maps.weights
-    above = float(np.abs(w[..., np.triu(np.ones((T, T), dtype=bool), k=1)]).max(initial=0.0))
+    above = float(np.abs(w[..., future_positions(T)]).max(initial=0.0))
     row_err = float(np.abs(w.sum(axis=-1) - 1.0).max())
-    print(f"{n_layer} layers x {n_head} heads, {T} tokens: largest weight above the diagonal "
-          f"{above:g}, rows sum to 1 within {row_err:.1e}")
+    print(
+        f"{n_layer} layers x {n_head} heads, {T} tokens: largest weight above the diagonal "
+        f"{above:g}, rows sum to 1 within {row_err:.1e}"
+    )
     print(f"wrote {path}")
     return path, maps
