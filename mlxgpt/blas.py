@@ -27,6 +27,7 @@ import ctypes.util
 import importlib.util
 import os
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -46,11 +47,17 @@ def status() -> dict[str, str | None]:
     return dict(_status)
 
 
-def _site_dirs(package: str) -> Path | None:
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(list(spec.submodule_search_locations)[0]).parent
+def _find_on_path(relative: str) -> Path | None:
+    """The first ``sys.path`` entry (e.g. site-packages) that contains ``relative``.
+
+    Searching ``sys.path`` rather than ``mlx.__path__`` matters: ``mlx`` is a namespace
+    package, so any folder called ``mlx`` in the working directory joins its path.
+    """
+    for entry in sys.path:
+        candidate = Path(entry or ".") / relative
+        if candidate.exists():
+            return candidate
+    return None
 
 
 def _load_global(path: str | os.PathLike) -> ctypes.CDLL:
@@ -59,9 +66,11 @@ def _load_global(path: str | os.PathLike) -> ctypes.CDLL:
     return handle
 
 
-def _fortran_runtime_from_mlx(site: Path) -> None:
+def _fortran_runtime_from_mlx() -> None:
     """Load MLX's bundled libgfortran under the name OpenBLAS asks for (libgfortran.so.5)."""
-    libs = site / "mlx_cpu.libs"
+    libs = _find_on_path("mlx_cpu.libs")
+    if libs is None:
+        raise OSError("the mlx-cpu wheel's bundled libraries were not found")
     gfortran = sorted(libs.glob("libgfortran-*.so*"))
     quadmath = sorted(libs.glob("libquadmath-*.so*"))
     if not gfortran:
@@ -70,29 +79,44 @@ def _fortran_runtime_from_mlx(site: Path) -> None:
         _load_global(lib)
     wanted = b"libgfortran.so.5\0"
     old = gfortran[0].name.encode() + b"\0"
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "mlxgpt" / "blas"
-    target = cache / f"libgfortran.so.5-{gfortran[0].stat().st_size}"
-    if not target.exists():
-        data = gfortran[0].read_bytes()
-        if data.count(old) != 1 or len(wanted) > len(old):
-            raise OSError("unexpected layout of the Fortran runtime in the mlx-cpu wheel")
-        cache.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_bytes(data.replace(old, wanted.ljust(len(old), b"\0")))
-        os.replace(tmp, target)  # atomic: a concurrent process never sees half a file
+    data = gfortran[0].read_bytes()
+    if data.count(old) != 1 or len(wanted) > len(old):
+        raise OSError("unexpected layout of the Fortran runtime in the mlx-cpu wheel")
+    target = _write_cached(
+        f"libgfortran.so.5-{len(data)}", data.replace(old, wanted.ljust(len(old), b"\0"))
+    )
     _load_global(target)
 
 
-def _try_cmeel(site: Path) -> str:
-    lib = site / "cmeel.prefix" / "lib" / "libopenblas.so.0"
-    if not lib.exists():
+def _write_cached(name: str, data: bytes) -> Path:
+    """``data`` as file ``name`` in the user's cache (or, if read-only, the temp folder)."""
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    errors = []
+    for folder in (user_cache / "mlxgpt" / "blas", Path(tempfile.gettempdir()) / "mlxgpt-blas"):
+        target = folder / name
+        if target.is_file() and target.stat().st_size == len(data):
+            return target
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = folder / f"{name}.tmp{os.getpid()}"
+            tmp.write_bytes(data)
+            os.replace(tmp, target)  # atomic: a concurrent process never sees half a file
+            return target
+        except OSError as err:
+            errors.append(f"{folder}: {err}")
+    raise OSError(f"cannot write the Fortran runtime copy: {errors}")
+
+
+def _try_cmeel() -> str:
+    lib = _find_on_path("cmeel.prefix/lib/libopenblas.so.0")
+    if lib is None:
         raise OSError("cmeel-openblas is not installed")
     try:
         _load_global(lib)
     except OSError as err:
         if "libgfortran" not in str(err):
             raise
-        _fortran_runtime_from_mlx(site)
+        _fortran_runtime_from_mlx()
         _load_global(lib)
     return str(lib)
 
@@ -124,8 +148,7 @@ def _ensure_fast_blas() -> dict[str, str | None]:
     if choice.lower() in {"off", "0", "none", "false"}:
         _status["reason"] = "disabled by MLXGPT_BLAS"
         return status()
-    site = _site_dirs("mlx")
-    if site is None:
+    if importlib.util.find_spec("mlx") is None:
         _status["reason"] = "MLX is not installed"
         return status()
     if "mlx.core" in sys.modules:
@@ -146,7 +169,7 @@ def _ensure_fast_blas() -> dict[str, str | None]:
         except OSError as err:
             errors.append(f"{path}: {err}")
     try:
-        _status.update(library=_try_cmeel(site), reason="loaded")
+        _status.update(library=_try_cmeel(), reason="loaded")
         return status()
     except OSError as err:
         errors.append(f"cmeel-openblas: {err}")

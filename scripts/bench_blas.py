@@ -56,6 +56,8 @@ def run(mode: str, sizes: list[int], steps: int) -> dict:
     env = dict(os.environ)
     if mode == "mlx-reference":
         env["MLXGPT_BLAS"] = "off"
+    if mode == "mlx-mlxgpt-1thread":
+        env["OPENBLAS_NUM_THREADS"] = "1"
     out = subprocess.run(
         [sys.executable, "-c", WORKER, mode, ",".join(map(str, sizes)), str(steps)],
         capture_output=True,
@@ -71,7 +73,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[512, 1024])
     parser.add_argument("--steps", type=int, default=8, help="training steps to time")
     args = parser.parse_args()
-    rows = {m: run(m, args.sizes, args.steps) for m in ("mlx-reference", "mlx-mlxgpt", "numpy")}
+    modes = ("mlx-reference", "mlx-mlxgpt", "mlx-mlxgpt-1thread", "numpy")
+    rows = {m: run(m, args.sizes, args.steps) for m in modes}
     ref = rows["mlx-reference"]
     cols = [f"matmul{n}" for n in args.sizes]
     print(
@@ -80,7 +83,7 @@ def main() -> None:
         + f"{'train tok/s (default)':>26}"
     )
     for name, r in rows.items():
-        line = f"{name:<16}"
+        line = f"{name:<20}"
         for c in cols:
             line += f"{r[c]:>12.1f} ({r[c] / ref[c]:>5.1f}x)    "
         if "train_tok_s" in r:
