@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 
 from mlxgpt import __version__
+from mlxgpt.config import ConfigError
 from mlxgpt.sampling import SamplingParams
 from mlxgpt.tokenizer import Tokenizer, prompt_ids
 
@@ -134,7 +135,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     overrides = merge(overrides, {k: v for k, v in flags.items() if v is not None})
     if args.resume and args.config:
-        raise SystemExit("error: --resume continues a run with its own config; drop --config")
+        raise ConfigError("--resume continues a run with its own config; drop --config")
     cfg = resolve_config(args.config, overrides, args.resume)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
     print(
@@ -192,8 +193,8 @@ def cmd_viz(args: argparse.Namespace) -> int:
         viz.mask_command(size=args.size, out=args.out)
     else:
         if not args.checkpoint:
-            raise SystemExit(
-                "error: `mlxgpt viz attention` needs a checkpoint: "
+            raise ConfigError(
+                "`mlxgpt viz attention` needs a checkpoint: "
                 "mlxgpt viz attention CKPT --prompt '...'"
             )
         viz.attention_command(args.checkpoint, args.prompt, out=args.out)

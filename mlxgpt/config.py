@@ -174,6 +174,10 @@ def gpt_config_from_dict(values: dict[str, Any]) -> GPTConfig:
     return _build(GPTConfig, values, "model.")
 
 
+def train_config_from_dict(values: dict[str, Any]) -> TrainConfig:
+    return _build(TrainConfig, values)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a TOML or JSON config file into a plain dict."""
     path = Path(path)
@@ -223,7 +227,7 @@ def load_train_config(
 ) -> TrainConfig:
     """The default preset (``tiny-char``), or ``path``, with ``overrides`` applied."""
     values = read_config_file(path or PRESETS_DIR / "tiny-char.toml")
-    return _build(TrainConfig, merge(values, overrides or {}))
+    return train_config_from_dict(merge(values, overrides or {}))
 
 
 def replace(cfg: Any, **changes: Any) -> Any:

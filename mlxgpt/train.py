@@ -24,7 +24,14 @@ from mlx.utils import tree_map
 from tqdm import tqdm
 
 from mlxgpt.checkpoint import CheckpointError, read_json, resolve
-from mlxgpt.config import ConfigError, TrainConfig, _build, merge, replace
+from mlxgpt.config import (
+    ConfigError,
+    TrainConfig,
+    load_train_config,
+    merge,
+    replace,
+    train_config_from_dict,
+)
 from mlxgpt.data import Dataset, read_corpus
 from mlxgpt.model import GPT
 from mlxgpt.model_io import load_model, load_optimizer_state, load_state, save_checkpoint
@@ -111,8 +118,6 @@ def resolve_config(
 ) -> TrainConfig:
     """The run's settings: a fresh config, or the resumed run's own with ``overrides``."""
     if resume is None:
-        from mlxgpt.config import load_train_config
-
         return load_train_config(config_path, overrides)
     ckpt = resolve(resume)
     if not (ckpt / "train_config.json").is_file():
@@ -120,7 +125,7 @@ def resolve_config(
     saved = read_json(ckpt / "train_config.json")
     saved["stop_at"] = 0  # a resumed run goes on to max_iters unless told otherwise
     try:
-        return _build(TrainConfig, merge(saved, overrides))
+        return train_config_from_dict(merge(saved, overrides))
     except ConfigError as err:
         raise CheckpointError(f"cannot resume from {ckpt}: {err}") from None
 
@@ -152,7 +157,7 @@ def train(
         else:
             tokenizer = Tokenizer.train_bpe(texts, cfg.bpe_vocab_size)
         model = GPT(replace(cfg.model, vocab_size=tokenizer.vocab_size))
-        step, best_val, state = 0, math.inf, {}
+        step, best_val = 0, math.inf
     cfg = replace(cfg, model=model.config)
     data = Dataset.prepare(
         texts, tokenizer, out_dir / "data", cfg.val_fraction, cfg.model.block_size

@@ -215,3 +215,29 @@ def test_folder_of_text_files_and_bpe(tmp_path, corpus_file):
     )
     assert result["tokenizer"].kind == "bpe" and result["model"].config.vocab_size == 300
     assert math.isfinite(result["val_loss"])
+
+
+def test_gradient_accumulation_equals_one_big_batch(corpus_file, tmp_path):
+    """2 micro-batches of 4 windows give the same losses and weights as 1 batch of 8."""
+    big = train(
+        tiny_train_config(corpus_file, tmp_path / "big", batch_size=8, max_iters=6),
+        progress=False,
+        quiet=True,
+    )
+    accum = train(
+        tiny_train_config(corpus_file, tmp_path / "acc", batch_size=4, grad_accum=2, max_iters=6),
+        progress=False,
+        quiet=True,
+    )
+    np.testing.assert_allclose(accum["losses"], big["losses"], rtol=1e-5)
+    a = read_weights(resolve(tmp_path / "big"), big["model"].config)
+    b = read_weights(resolve(tmp_path / "acc"), big["model"].config)
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], atol=1e-5)
+
+
+def test_resume_with_a_config_file_is_refused(capsys, trained_ckpt):
+    from mlxgpt.cli import main
+
+    assert main(["train", "--resume", str(trained_ckpt), "--config", "tiny-char"]) == 2
+    assert "drop --config" in capsys.readouterr().err
