@@ -32,7 +32,9 @@ from mlxgpt.tokenizer import Tokenizer
 
 HAVE_MLX = importlib.util.find_spec("mlx") is not None
 DIFFS = ["prompt", "decode step", "chunk after past", "left-padded batch"]  # max |logit diff|
-COLUMNS = DIFFS + ["mlx prefill ms", "ort prefill ms", "mlx decode tok/s", "ort decode tok/s"]
+SPEED = ["mlx prefill ms", "ort prefill ms", "mlx decode tok/s", "ort decode tok/s"]
+RATIOS = ["ort/mlx prefill speed", "ort/mlx decode speed"]  # > 1: onnxruntime is faster
+COLUMNS = DIFFS + SPEED + RATIOS
 
 
 def random_checkpoint(directory: Path, config: GPTConfig) -> Path:
@@ -124,6 +126,8 @@ def speed(ckpt: Path, ort: OnnxGPT, tokens: int) -> dict[str, float]:
         result["mlx decode tok/s"] = tokens / timed(
             lambda: list(generate_tokens(model, prompt, tokens, greedy))
         )
+        result["ort/mlx prefill speed"] = result["mlx prefill ms"] / result["ort prefill ms"]
+        result["ort/mlx decode speed"] = result["ort decode tok/s"] / result["mlx decode tok/s"]
     return result
 
 
@@ -150,10 +154,12 @@ def main() -> None:
                 ort = OnnxGPT.load(out)
                 tokens = min(args.tokens, ort.config.block_size - 8)
                 row = {**(mlx_parity(ckpt, ort) if HAVE_MLX else {}), **speed(ckpt, ort, tokens)}
-                cells = [
-                    "-" if c not in row else f"{row[c]:.1e}" if c in DIFFS else f"{row[c]:.1f}"
-                    for c in COLUMNS
-                ]
+                formats = {
+                    **dict.fromkeys(DIFFS, "{:.1e}"),
+                    **dict.fromkeys(SPEED, "{:.1f}"),
+                    **dict.fromkeys(RATIOS, "{:.1f}x"),
+                }
+                cells = [formats[c].format(row[c]) if c in row else "-" for c in COLUMNS]
                 print(f"| {form} | " + " | ".join(cells) + " |")
 
 
