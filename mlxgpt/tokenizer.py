@@ -106,14 +106,6 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         return self.hf.decode(list(ids), skip_special_tokens=True)
 
-    def check_ids(self, ids: Sequence[int]) -> None:
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise TokenizerError(
-                f"token id(s) {bad[:5]} out of range: this vocabulary has ids "
-                f"0..{self.vocab_size - 1}"
-            )
-
 
 class StreamDecoder:
     """Turns a growing list of ids into text pieces, holding back incomplete UTF-8."""
