@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from export import signature as sig
+from export.graph import LAYER_NORM_EPS
 from export.runtime import OnnxGPT
 from mlxgpt.config import GPTConfig
 
@@ -35,7 +36,7 @@ DIFF_KEYS = ("prompt", "decode_step", "chunk_after_past", "left_padded_batch")
 def _layer_norm(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
     mean = x.mean(-1, keepdims=True)
     var = ((x - mean) ** 2).mean(-1, keepdims=True)
-    y = (x - mean) / np.sqrt(var + 1e-5) * w[f"{name}.weight"]
+    y = (x - mean) / np.sqrt(var + LAYER_NORM_EPS) * w[f"{name}.weight"]
     return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
 
 

@@ -33,6 +33,7 @@ import onnxruntime as ort
 
 from export import signature as sig
 from export.errors import ExportFolderError, InputError
+from mlxgpt import sampling
 from mlxgpt.checkpoint import CheckpointError, read_config, read_json, read_tokenizer
 from mlxgpt.config import GPTConfig
 from mlxgpt.sampling import SamplingParams, StepFn, crop_prompt, generate_ids, sample_next
@@ -202,14 +203,7 @@ class OnnxGPT:
 
     def recompute_step(self) -> StepFn:
         """A step that runs the whole sequence again every time (no cache; for testing)."""
-        ids: list[int] = []
-
-        def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
-            nonlocal ids
-            ids = ids[:past_len] + list(new_ids)
-            return self.forward([ids])[0][0, -1]
-
-        return step
+        return sampling.recompute_step(lambda ids: self.forward([ids])[0][0, -1])
 
     def default_params(self) -> SamplingParams:
         """Sampling settings from ``generation_config.json`` (no seed)."""

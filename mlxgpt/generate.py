@@ -11,11 +11,17 @@ from collections.abc import Iterator, Sequence
 import mlx.core as mx
 import numpy as np
 
+from mlxgpt import sampling
 from mlxgpt.model import GPT, make_cache
 from mlxgpt.sampling import SamplingParams, StepFn, generate_ids
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 
 __all__ = ["cached_step", "generate_text", "generate_tokens", "prompt_ids", "recompute_step"]
+
+
+def _last_logits(logits: mx.array) -> np.ndarray:
+    """The first row's last-position logits as float32 numpy, for the shared sampler."""
+    return np.array(logits[0, -1].astype(mx.float32))
 
 
 def cached_step(model: GPT) -> StepFn:
@@ -27,23 +33,14 @@ def cached_step(model: GPT) -> StepFn:
         if past_len == 0:
             cache = make_cache(model)
         assert cache[0].offset == past_len, "cache out of sync with the generation loop"
-        logits = model(mx.array([list(new_ids)], dtype=mx.int32), cache=cache)
-        return np.array(logits[0, -1].astype(mx.float32))
+        return _last_logits(model(mx.array([list(new_ids)], dtype=mx.int32), cache=cache))
 
     return step
 
 
 def recompute_step(model: GPT) -> StepFn:
     """A step function without a cache: every call runs the whole sequence again."""
-    ids: list[int] = []
-
-    def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
-        nonlocal ids
-        ids = ids[:past_len] + list(new_ids)
-        logits = model(mx.array([ids], dtype=mx.int32))
-        return np.array(logits[0, -1].astype(mx.float32))
-
-    return step
+    return sampling.recompute_step(lambda ids: _last_logits(model(mx.array([ids], dtype=mx.int32))))
 
 
 def generate_tokens(

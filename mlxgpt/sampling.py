@@ -97,6 +97,22 @@ def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Gener
 StepFn = Callable[[Sequence[int], int], np.ndarray]
 
 
+def recompute_step(last_logits: Callable[[list[int]], np.ndarray]) -> StepFn:
+    """A step without a cache: each call runs ``last_logits`` on the whole sequence so far.
+
+    The reference both backends' KV-cache paths are tested against; ``last_logits(ids)``
+    returns the logits of the last position of ``ids``.
+    """
+    ids: list[int] = []
+
+    def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+        nonlocal ids
+        ids = ids[:past_len] + list(new_ids)
+        return last_logits(ids)
+
+    return step
+
+
 def crop_prompt(prompt_ids: Sequence[int], block_size: int) -> list[int]:
     """Prompts longer than the context window keep their last ``block_size`` tokens."""
     return list(prompt_ids)[-block_size:]
