@@ -1,7 +1,7 @@
-"""``python -m export ...`` is ``mlxgpt-ort ...``."""
+"""``python -m mlxgpt_export ...`` is ``mlxgpt-ort ...``."""
 
 import sys
 
-from export.cli import main
+from mlxgpt_export.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""The ``mlxgpt-ort`` command (also ``python -m export``): run an exported model without MLX.
+"""The ``mlxgpt-ort`` command (also ``python -m mlxgpt_export``): run an exported model without MLX.
 
 ::
 
@@ -6,8 +6,9 @@
     mlxgpt-ort generate OUT_DIR --prompts-file prompts.txt    # one prompt a line, one batch
     mlxgpt-ort info OUT_DIR                                   # config, metadata, parity
 
-The sampling options and their defaults are those of ``mlxgpt generate``; the same seed
-gives the same text as MLX. Problems a user can fix print one ``error: ...`` line and
+The sampling options are those of ``mlxgpt generate``; an option not given takes its value
+from the folder's ``generation_config.json``. The same settings and seed give the same
+text as MLX. Problems a user can fix print one ``error: ...`` line and
 exit with status 2.
 """
 
@@ -19,8 +20,6 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from export.errors import ExportError
-from export.runtime import MODEL_FILE, OnnxGPT
 from mlxgpt import __version__
 from mlxgpt.cli import (
     add_sampling_args,
@@ -29,10 +28,8 @@ from mlxgpt.cli import (
     run_command,
     sampling_params,
 )
-from mlxgpt.config import ConfigError
-from mlxgpt.tokenizer import TokenizerError
-
-USER_ERRORS = (ExportError, TokenizerError, ConfigError)
+from mlxgpt_export.errors import ExportError
+from mlxgpt_export.runtime import MODEL_FILE, OnnxGPT
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -47,20 +44,20 @@ def _read_prompts(path: str) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    params = sampling_params(args)
     if args.prompts_file and args.prompt:
         raise ExportError("use either --prompt or --prompts-file, not both")
     model = OnnxGPT.load(args.folder, threads=args.threads)
+    params, max_tokens = sampling_params(args, *model.default_settings())
     if args.prompts_file:
         prompts = _read_prompts(args.prompts_file)
         note_long_prompts(model.tokenizer, prompts, model.config.block_size)
-        texts = model.generate_batch(prompts, args.max_tokens, params)
+        texts = model.generate_batch(prompts, max_tokens, params)
         for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True), 1):
             print(f"--- prompt {i} ---\n{prompt}{text}")
         return 0
     note_long_prompts(model.tokenizer, [args.prompt], model.config.block_size)
     sys.stdout.write(args.prompt)
-    for piece in model.generate(args.prompt, args.max_tokens, params):
+    for piece in model.generate(args.prompt, max_tokens, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -97,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "left-padded batch.",
     )
     p.add_argument("folder", help="an export folder written by `mlxgpt export`")
-    add_sampling_args(p)
+    add_sampling_args(p, defaults_from="the folder's generation_config.json")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (a batch)")
     p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
     p.set_defaults(func=cmd_generate)
@@ -108,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser(), argv, USER_ERRORS)
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ instead of a traceback. All derive from :class:`ExportError`, so one ``except`` 
 
 from __future__ import annotations
 
+from mlxgpt.errors import UserError
 
-class ExportError(ValueError):
+
+class ExportError(UserError, ValueError):
     """Exporting failed, or an exported model cannot be used; the message says why."""
 
 

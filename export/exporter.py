@@ -2,7 +2,7 @@
 
 The folder (written atomically: a failed export leaves nothing behind)::
 
-    model.onnx              the graph of export.graph, weights inside; metadata_props:
+    model.onnx              the graph of mlxgpt_export.graph, weights inside; metadata_props:
                             mlxgpt_version, model_config, attention, parity
     config.json             the GPTConfig (same format as the checkpoint's)
     tokenizer.json          the checkpoint's Hugging Face tokenizer file
@@ -10,13 +10,12 @@ The folder (written atomically: a failed export leaves nothing behind)::
 
 Only numpy, safetensors, onnx and onnxruntime are used: no MLX. Before anything is written
 the graph is checked (``onnx.checker`` with ``full_check``) and, unless ``verify=False``,
-run in onnxruntime against a numpy reference (:mod:`export.parity`); the figures measured
+run in onnxruntime against a numpy reference (:mod:`mlxgpt_export.parity`); the figures measured
 go into the model's metadata.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import shutil
@@ -27,17 +26,7 @@ import numpy as np
 import onnx
 
 import mlxgpt
-from export.errors import ExportError
-from export.graph import ATTENTION_FORMS, OPSETS, build_model
-from export.parity import DIFF_KEYS, measure_parity
-from export.runtime import (
-    CONFIG_FILE,
-    GENERATION_FILE,
-    MODEL_FILE,
-    TOKENIZER_FILE,
-    OnnxGPT,
-    make_session,
-)
+from mlxgpt import sampling
 from mlxgpt.checkpoint import (
     read_config,
     read_tokenizer,
@@ -48,30 +37,27 @@ from mlxgpt.checkpoint import (
 )
 from mlxgpt.config import GPTConfig
 from mlxgpt.tokenizer import Tokenizer
+from mlxgpt_export.errors import ExportError
+from mlxgpt_export.graph import ATTENTION_FORMS, OPSETS, build_model
+from mlxgpt_export.parity import DIFF_KEYS, measure_parity
+from mlxgpt_export.runtime import (
+    CONFIG_FILE,
+    GENERATION_FILE,
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    OnnxGPT,
+    make_session,
+)
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
 
 
-def sampling_defaults() -> dict[str, Any]:
-    """The defaults of ``mlxgpt generate``'s options, so both commands share one source."""
-    from mlxgpt.cli import add_sampling_args
-
-    parser = argparse.ArgumentParser()
-    add_sampling_args(parser)
-    return vars(parser.parse_args([]))
-
-
 def generation_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``generation_config.json``: Hugging Face key names where one exists."""
-    defaults = sampling_defaults()
+    """``generation_config.json``: the library's sampling defaults, in Hugging Face keys."""
     return {
         "bos_token_id": tokenizer.start_id,  # what an empty prompt starts from
         "context_length": config.block_size,
-        "max_new_tokens": defaults["max_tokens"],
-        "do_sample": defaults["temperature"] > 0,
-        "temperature": defaults["temperature"],
-        "top_k": defaults["top_k"],
-        "top_p": defaults["top_p"],
+        **sampling.to_generation_config(sampling.SamplingParams(), sampling.DEFAULT_MAX_TOKENS),
         "prompt_longer_than_context": "keep the last context_length tokens",
         "mlxgpt_version": mlxgpt.__version__,
     }

@@ -1,7 +1,7 @@
 """The GPT forward pass as one ONNX graph, built from numpy weights with ``onnx.helper``.
 
 The graph computes exactly what :class:`mlxgpt.model.GPT` computes, for prompt processing
-and for decoding with a KV cache alike (inputs and outputs: :mod:`export.signature`)::
+and for decoding with a KV cache alike (inputs and outputs: :mod:`mlxgpt_export.signature`)::
 
     x = wte[input_ids] + wpe[position_ids]
     bias = attention_bias(input_ids, attention_mask)          # once, shared by all layers
@@ -36,14 +36,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import signature as sig
-from mlxgpt.config import GPTConfig
+from mlxgpt.config import LAYER_NORM_EPS, GPTConfig
+from mlxgpt_export import signature as sig
 
 ATTENTION_FORMS = ("portable", "fused")
 OPSETS = {"portable": 17, "fused": 23}
 # The oldest IR version that carries each opset, so older runtimes can load the file.
 IR_VERSIONS = {17: 8, 23: 11}
-LAYER_NORM_EPS = 1e-5  # mlx.nn.LayerNorm's default, used by mlxgpt.model
 MASK_MIN = float(np.finfo(np.float32).min)
 
 
@@ -139,14 +138,27 @@ def _linear(g: _Graph, x: str, name: str, bias: bool) -> str:
     return g.op("Add", [y, g.weight(f"{name}.bias")], f"/{name}/out") if bias else y
 
 
-def _gelu(g: _Graph, x: str, scope: str) -> str:
-    """Exact GELU ``0.5 x (1 + erf(x / sqrt 2))`` (mlx.nn.gelu); opset 17 has no Gelu op."""
-    inv_sqrt2 = g.constant("/const/inv_sqrt2", 1 / math.sqrt(2))
+def _gelu(g: _Graph, x: str, scope: str, activation: str) -> str:
+    """GELU as :class:`mlxgpt.model.MLP` computes it (opset 17 has no Gelu operator).
+
+    ``"gelu"``: exact, ``0.5 x (1 + erf(x / sqrt 2))`` (``mlx.nn.gelu``).
+    ``"gelu_tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``
+    (``mlx.nn.gelu_approx``, GPT-2's and Hugging Face's ``gelu_new``).
+    """
     half, one = g.constant("/const/half", 0.5), g.constant("/const/one_f", 1.0)
-    erf = g.op("Erf", [g.op("Mul", [x, inv_sqrt2], f"{scope}/scaled")], f"{scope}/erf")
-    one_plus_erf = g.op("Add", [erf, one], f"{scope}/one_plus_erf")
+    if activation == "gelu_tanh":
+        cubic = g.constant("/const/gelu_cubic", 0.044715)
+        sqrt_2_pi = g.constant("/const/sqrt_2_over_pi", math.sqrt(2 / math.pi))
+        x3 = g.op("Mul", [g.op("Mul", [x, x], f"{scope}/x2"), x], f"{scope}/x3")
+        inner = g.op("Add", [x, g.op("Mul", [x3, cubic], f"{scope}/cx3")], f"{scope}/inner")
+        scaled = g.op("Mul", [inner, sqrt_2_pi], f"{scope}/scaled")
+        squash = g.op("Tanh", [scaled], f"{scope}/tanh")
+    else:
+        inv_sqrt2 = g.constant("/const/inv_sqrt2", 1 / math.sqrt(2))
+        squash = g.op("Erf", [g.op("Mul", [x, inv_sqrt2], f"{scope}/scaled")], f"{scope}/erf")
+    one_plus = g.op("Add", [squash, one], f"{scope}/one_plus")
     half_x = g.op("Mul", [x, half], f"{scope}/half_x")
-    return g.op("Mul", [half_x, one_plus_erf], f"{scope}/out")
+    return g.op("Mul", [half_x, one_plus], f"{scope}/out")
 
 
 def _to_heads(g: _Graph, x: str, config: GPTConfig, name: str) -> str:
@@ -208,12 +220,13 @@ def _block(g: _Graph, x: str, i: int, config: GPTConfig, bias: str, attention: s
     y = _linear(g, attend(g, q, k, v, bias, i, config), f"{p}.attn.c_proj", config.bias)
     x = g.op("Add", [x, y], f"/{p}/resid_attn")
     h = _linear(g, _layer_norm(g, x, f"{p}.ln_2", config.bias), f"{p}.mlp.c_fc", config.bias)
-    h = _linear(g, _gelu(g, h, f"/{p}/mlp/gelu"), f"{p}.mlp.c_proj", config.bias)
+    gelu = _gelu(g, h, f"/{p}/mlp/gelu", config.activation)
+    h = _linear(g, gelu, f"{p}.mlp.c_proj", config.bias)
     return g.op("Add", [x, h], f"/{p}/resid_mlp")
 
 
 def _io(config: GPTConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    """Graph inputs and outputs with their symbolic dimensions (see export.signature)."""
+    """Graph inputs and outputs with their symbolic dimensions (see mlxgpt_export.signature)."""
 
     def tensor(name: str, dtype: int, shape: list[str | int]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, shape)

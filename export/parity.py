@@ -22,10 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from export import signature as sig
-from export.graph import LAYER_NORM_EPS
-from export.runtime import OnnxGPT
-from mlxgpt.config import GPTConfig
+from mlxgpt.config import LAYER_NORM_EPS, GPTConfig
+from mlxgpt_export import signature as sig
+from mlxgpt_export.runtime import OnnxGPT
 
 # The export fails above this difference: a sanity bound that catches a wrong graph, not a
 # precision claim (float32 graphs typically agree to ~1e-6; the tests require 1e-4).
@@ -45,7 +44,10 @@ def _linear(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
     return y + w[f"{name}.bias"] if f"{name}.bias" in w else y
 
 
-def _gelu(x: np.ndarray) -> np.ndarray:
+def _gelu(x: np.ndarray, activation: str) -> np.ndarray:
+    """GELU in float64: exact (``"gelu"``) or GPT-2's tanh approximation (``"gelu_tanh"``)."""
+    if activation == "gelu_tanh":
+        return 0.5 * x * (1.0 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     erf = np.vectorize(math.erf, otypes=[np.float64])
     return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
 
@@ -79,7 +81,7 @@ def reference_logits(
         probs /= probs.sum(-1, keepdims=True)
         y = (probs @ v).transpose(0, 2, 1, 3).reshape(B, T, config.n_embd)
         x = x + _linear(y, w, f"{p}.attn.c_proj")
-        h = _gelu(_linear(_layer_norm(x, w, f"{p}.ln_2"), w, f"{p}.mlp.c_fc"))
+        h = _gelu(_linear(_layer_norm(x, w, f"{p}.ln_2"), w, f"{p}.mlp.c_fc"), config.activation)
         x = x + _linear(h, w, f"{p}.mlp.c_proj")
     return _layer_norm(x, w, "ln_f") @ w["wte.weight"].T
 

@@ -7,7 +7,7 @@ settings and seed this runtime and ``mlxgpt generate`` (MLX) produce the same te
 
 Quick use::
 
-    from export.runtime import OnnxGPT
+    from mlxgpt_export.runtime import OnnxGPT
     from mlxgpt.sampling import SamplingParams
 
     model = OnnxGPT.load("out/tiny-char-onnx")
@@ -19,7 +19,7 @@ Context window (same rule as MLX generation): a prompt longer than ``block_size`
 keeps its last ``block_size`` tokens; once prompt + generated text no longer fit, the
 window slides and the last ``block_size`` tokens are recomputed without a cache. Batched
 generation applies the rule to every row. :meth:`OnnxGPT.forward` itself never crops:
-a sequence longer than the window is an :class:`~export.errors.InputError`.
+a sequence longer than the window is an :class:`~mlxgpt_export.errors.InputError`.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from export import signature as sig
-from export.errors import ExportFolderError, InputError
 from mlxgpt import sampling
 from mlxgpt.checkpoint import CheckpointError, read_config, read_json, read_tokenizer
 from mlxgpt.config import GPTConfig
 from mlxgpt.sampling import SamplingParams, StepFn, crop_prompt, generate_ids, sample_next
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
+from mlxgpt_export import signature as sig
+from mlxgpt_export.errors import ExportFolderError, InputError
 
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
@@ -95,7 +95,7 @@ class OnnxGPT:
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
-        """Load an export folder written by ``mlxgpt export`` (see :mod:`export.exporter`)."""
+        """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`)."""
         folder = Path(folder)
         if not folder.is_dir():
             raise ExportFolderError(
@@ -137,7 +137,7 @@ class OnnxGPT:
         """Logits ``(batch, new, vocab)`` for ``input_ids`` ``(batch, new)`` after ``past``.
 
         ``attention_mask`` ``(batch, past + new)`` defaults to all ones; ``position_ids``
-        default to :func:`export.signature.position_ids_from_mask` of it. Returns the logits
+        default to :func:`~mlxgpt_export.signature.position_ids_from_mask` of it. Returns the logits
         and the new past (``present.*``) to pass to the next call.
         """
         ids = np.asarray(input_ids)
@@ -205,17 +205,22 @@ class OnnxGPT:
         """A step that runs the whole sequence again every time (no cache; for testing)."""
         return sampling.recompute_step(lambda ids: self.forward([ids])[0][0, -1])
 
+    def default_settings(self) -> tuple[SamplingParams, int]:
+        """Sampling settings and token budget of the folder's ``generation_config.json``.
+
+        Read with Hugging Face's meaning (:func:`mlxgpt.sampling.from_generation_config`),
+        so the folder means the same here as in transformers; no seed.
+        """
+        try:
+            return sampling.from_generation_config(self.generation)
+        except ValueError as err:
+            raise ExportFolderError(f"generation_config.json: {err}") from None
+
     def default_params(self) -> SamplingParams:
-        """Sampling settings from ``generation_config.json`` (no seed)."""
-        g = self.generation
-        return SamplingParams(
-            temperature=float(g.get("temperature", 1.0)),
-            top_k=int(g.get("top_k") or 0) or None,
-            top_p=float(g.get("top_p", 1.0)),
-        )
+        return self.default_settings()[0]
 
     def _max_tokens(self, max_tokens: int | None) -> int:
-        return int(self.generation.get("max_new_tokens", 200)) if max_tokens is None else max_tokens
+        return self.default_settings()[1] if max_tokens is None else max_tokens
 
     def generate_ids(
         self,
@@ -268,7 +273,7 @@ class OnnxGPT:
         """Generate for several prompts at once; yield each step's new token of every row.
 
         Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding,
-        positions from :func:`~export.signature.position_ids_from_mask`). Row ``r`` draws
+        positions from :func:`~mlxgpt_export.signature.position_ids_from_mask`). Row ``r`` draws
         from its own ``numpy.random.default_rng(params.seed)``, so it gets the tokens that
         generating ``prompts[r]`` alone with the same seed gives (the same seed therefore
         gives identical rows for identical prompts). The context window is handled per row

@@ -2,8 +2,8 @@
 
 The names are the ones Hugging Face Optimum, transformers.js and onnxruntime-genai use for
 decoder models, so their generation loops can drive the graph. This module is numpy only:
-the graph builder (:mod:`export.graph`, needs ``onnx``) and the runtime
-(:mod:`export.runtime`, needs ``onnxruntime`` but not ``onnx``) both read it.
+the graph builder (:mod:`mlxgpt_export.graph`, needs ``onnx``) and the runtime
+(:mod:`mlxgpt_export.runtime`, needs ``onnxruntime`` but not ``onnx``) both read it.
 
 * ``input_ids``: int64 ``(batch_size, sequence_length)``, the new tokens of this call;
 * ``attention_mask``: int64 ``(batch_size, total_sequence_length)``, past + new tokens,

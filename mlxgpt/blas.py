@@ -3,9 +3,12 @@
 The ``mlx[cpu]`` wheel links netlib's reference BLAS, which runs a float32 matmul ~35x
 slower than OpenBLAS. MLX calls ``cblas_sgemm`` through the dynamic linker, so loading an
 optimized CBLAS into the process with global symbol binding *before* MLX's shared library
-is loaded makes MLX's calls resolve to it. This module does exactly that, once, when
-``mlxgpt`` is imported; nothing is changed on disk except a small cached copy described
-below.
+is loaded makes MLX's calls resolve to it. This module does exactly that, once, at the
+moment ``mlx.core`` is first imported in a process that imported ``mlxgpt``:
+``import mlxgpt`` only installs an import hook (:func:`install_import_hook`), so processes
+that never touch MLX (the onnxruntime runtime, the exporter) load no BLAS, write nothing
+to ``~/.cache`` and print no warning. Nothing is changed on disk except a small cached
+copy described below.
 
 Where the library comes from (first that loads wins):
 
@@ -24,6 +27,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import importlib.abc
 import importlib.util
 import os
 import sys
@@ -129,6 +133,37 @@ def _candidates() -> list[str]:
     return found
 
 
+class _BlasBeforeMLX(importlib.abc.MetaPathFinder):
+    """An import hook that loads the BLAS just before ``mlx.core``, then steps aside.
+
+    It finds nothing itself (``find_spec`` returns ``None``), so the normal finders still
+    import MLX; it only runs :func:`ensure_fast_blas` first, which must happen before
+    ``mlx.core``'s shared library is loaded to have any effect.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):  # noqa: ANN001 (importlib API)
+        if fullname == "mlx.core":
+            uninstall_import_hook()
+            ensure_fast_blas()
+        return None
+
+
+_HOOK = _BlasBeforeMLX()
+
+
+def install_import_hook() -> None:
+    """Load the fast BLAS when ``mlx.core`` is first imported (now, if it already was)."""
+    if "mlx.core" in sys.modules:
+        ensure_fast_blas()  # too late to help; it says so in a warning
+    elif _HOOK not in sys.meta_path:
+        sys.meta_path.insert(0, _HOOK)
+
+
+def uninstall_import_hook() -> None:
+    if _HOOK in sys.meta_path:
+        sys.meta_path.remove(_HOOK)
+
+
 def ensure_fast_blas() -> dict[str, str | None]:
     """Load an optimized CBLAS before MLX is imported (Linux only); never raises."""
     if _status["reason"] != "not attempted":
@@ -156,7 +191,7 @@ def _ensure_fast_blas() -> dict[str, str | None]:
         warnings.warn(
             "mlxgpt: import mlxgpt before mlx.core, otherwise MLX keeps its slow reference "
             "BLAS on Linux (matmuls ~35x slower).",
-            stacklevel=3,
+            stacklevel=4,
         )
         return status()
     errors = []

@@ -27,12 +27,13 @@ from typing import Any
 import numpy as np
 
 from mlxgpt.config import ConfigError, GPTConfig, gpt_config_from_dict
+from mlxgpt.errors import UserError
 from mlxgpt.tokenizer import Tokenizer, TokenizerError
 
 REQUIRED = ("config.json", "model.safetensors", "tokenizer.json")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete or corrupt; the message says which."""
 
 

@@ -7,12 +7,15 @@ reported as one ``error: ...`` line and exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from mlxgpt import __version__
 from mlxgpt.config import ConfigError
-from mlxgpt.sampling import SamplingParams
+from mlxgpt.errors import UserError
+from mlxgpt.sampling import DEFAULT_MAX_TOKENS, SamplingParams
 from mlxgpt.tokenizer import Tokenizer, prompt_ids
 
 
@@ -49,33 +52,34 @@ def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str],
     return parse
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Sampling options, shared by ``mlxgpt generate`` and ``mlxgpt-ort generate``."""
+def add_sampling_args(p: argparse.ArgumentParser, defaults_from: str) -> None:
+    """Sampling options, shared by ``mlxgpt generate`` and ``mlxgpt-ort generate``.
+
+    Every option defaults to ``None`` ("not given"); :func:`sampling_params` fills the
+    gaps from ``defaults_from``'s settings (the library's defaults, or an export folder's
+    ``generation_config.json``), so no default is written down here.
+    """
     p.add_argument("--prompt", default="", help="text to continue (default: empty prompt)")
     p.add_argument(
         "--max-tokens",
         type=non_negative_int,
-        default=200,
-        help="number of new tokens to generate (default: 200)",
+        help=f"number of new tokens to generate (default: {defaults_from})",
     )
     p.add_argument(
         "--temperature",
         type=float_in(0.0, 100.0),
-        default=0.8,
-        help="softmax temperature; 0 = greedy (default: 0.8)",
+        help=f"softmax temperature; 0 = greedy (default: {defaults_from})",
     )
     p.add_argument(
         "--top-k",
         type=non_negative_int,
-        default=0,
-        help="keep only the k most likely tokens; 0 = off (default: 0)",
+        help=f"keep only the k most likely tokens; 0 = off (default: {defaults_from})",
     )
     p.add_argument(
         "--top-p",
         type=float_in(0.0, 1.0, low_open=True),
-        default=1.0,
         help="nucleus sampling: keep the smallest set of tokens whose "
-        "probability reaches p; 1 = off (default: 1.0)",
+        f"probability reaches p; 1 = off (default: {defaults_from})",
     )
     p.add_argument(
         "--seed",
@@ -85,10 +89,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     )
 
 
-def sampling_params(args: argparse.Namespace) -> SamplingParams:
-    return SamplingParams(
-        temperature=args.temperature, top_k=args.top_k or None, top_p=args.top_p, seed=args.seed
-    )
+def sampling_params(
+    args: argparse.Namespace,
+    base: SamplingParams | None = None,
+    base_max_tokens: int = DEFAULT_MAX_TOKENS,
+) -> tuple[SamplingParams, int]:
+    """The settings asked for on the command line; options not given come from ``base``."""
+    base = base or SamplingParams()
+    changes: dict[str, Any] = {"seed": args.seed}
+    if args.temperature is not None:
+        changes["temperature"] = args.temperature
+    if args.top_p is not None:
+        changes["top_p"] = args.top_p
+    if args.top_k is not None:
+        changes["top_k"] = args.top_k or None
+    params = dataclasses.replace(base, **changes)
+    return params, base_max_tokens if args.max_tokens is None else args.max_tokens
 
 
 def note_long_prompts(tokenizer: Tokenizer, prompts: Sequence[str], block_size: int) -> None:
@@ -103,16 +119,12 @@ def note_long_prompts(tokenizer: Tokenizer, prompts: Sequence[str], block_size: 
             )
 
 
-def run_command(
-    parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    errors: tuple[type[BaseException], ...],
-) -> int:
-    """Parse ``argv`` and run the chosen subcommand; ``errors`` become one clean line."""
+def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
+    """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` is one clean line."""
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except errors as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -147,8 +159,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if cfg.sample_tokens:
         from mlxgpt.generate import generate_text
 
-        print("\n--- sample (temperature 0.8) ---")
-        params = SamplingParams(temperature=0.8, seed=cfg.seed)
+        print(f"\n--- sample (temperature {cfg.sample_temperature}) ---")
+        params = SamplingParams(temperature=cfg.sample_temperature, seed=cfg.seed)
         result["model"].eval()
         for piece in generate_text(
             result["model"], result["tokenizer"], "", cfg.sample_tokens, params
@@ -162,11 +174,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from mlxgpt.generate import generate_text
     from mlxgpt.model_io import load_model
 
-    params = sampling_params(args)
+    params, max_tokens = sampling_params(args)
     model, tokenizer, _ = load_model(args.checkpoint)
     note_long_prompts(tokenizer, [args.prompt], model.config.block_size)
     sys.stdout.write(args.prompt)
-    for piece in generate_text(model, tokenizer, args.prompt, args.max_tokens, params):
+    for piece in generate_text(model, tokenizer, args.prompt, max_tokens, params):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
@@ -174,7 +186,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.exporter import export_checkpoint
+    from mlxgpt_export.exporter import export_checkpoint
 
     export_checkpoint(
         args.checkpoint,
@@ -245,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "tokens.",
     )
     p.add_argument("checkpoint", help="a training out_dir or checkpoint folder")
-    add_sampling_args(p)
+    add_sampling_args(p, defaults_from="greedy, 200 tokens")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(
@@ -284,31 +296,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message is meant for the user (no traceback)."""
-    from mlxgpt.checkpoint import CheckpointError
-    from mlxgpt.config import ConfigError
-    from mlxgpt.data import DataError
-    from mlxgpt.tokenizer import TokenizerError
-
-    errors: list[type[BaseException]] = [CheckpointError, ConfigError, DataError, TokenizerError]
-    try:
-        from mlxgpt.train import TrainingDiverged
-
-        errors.append(TrainingDiverged)
-    except ImportError:  # MLX missing: training errors cannot occur
-        pass
-    try:
-        from export.errors import ExportError
-
-        errors.append(ExportError)
-    except ImportError:
-        pass
-    return tuple(errors)
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_command(build_parser(), argv, user_errors())
+    return run_command(build_parser(), argv)
 
 
 if __name__ == "__main__":

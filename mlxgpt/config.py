@@ -15,15 +15,19 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from mlxgpt.errors import UserError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+ACTIVATIONS = ("gelu", "gelu_tanh")  # exact GELU; GPT-2's tanh approximation
+LAYER_NORM_EPS = 1e-5  # every LayerNorm: the MLX model, the ONNX graph, the numpy reference
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration problem the user can fix; the message says how."""
 
 
@@ -38,6 +42,9 @@ class GPTConfig:
     n_embd: int = 128
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    # MLP activation: "gelu" (exact, erf) or "gelu_tanh" (the tanh approximation GPT-2
+    # was trained with; Hugging Face's "gelu_new")
+    activation: str = "gelu"
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
@@ -49,6 +56,10 @@ class GPTConfig:
             )
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.activation not in ACTIVATIONS:
+            raise ConfigError(
+                f"model.activation must be one of {', '.join(ACTIVATIONS)}, got {self.activation!r}"
+            )
 
     @property
     def head_size(self) -> int:
@@ -83,6 +94,7 @@ class TrainConfig:
     compile: bool = True
     causal_mask: bool = True  # False is the "cheating" teaching device, never for real use
     sample_tokens: int = 200  # length of the sample printed at the end
+    sample_temperature: float = 0.8  # its temperature (0 = greedy)
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def __post_init__(self) -> None:
@@ -93,7 +105,7 @@ class TrainConfig:
         for name in ("warmup_iters", "stop_at", "sample_tokens"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "sample_temperature"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate == 0:

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 
+from mlxgpt.errors import UserError
 from mlxgpt.tokenizer import Tokenizer
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Training data that cannot be used; the message says why and what to do."""
 
 

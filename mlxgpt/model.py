@@ -27,7 +27,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
-from mlxgpt.config import GPTConfig
+from mlxgpt.config import LAYER_NORM_EPS, GPTConfig
 
 MaskSpec = str | mx.array | None  # "causal" | "explicit" | "none" | additive array
 
@@ -108,23 +108,27 @@ def attention_weights(q: mx.array, k: mx.array, mask: mx.array, scale: float) ->
     return mx.softmax(scores + mask.astype(mx.float32), axis=-1)
 
 
+ACTIVATIONS = {"gelu": nn.gelu, "gelu_tanh": nn.gelu_approx}  # GPTConfig.activation
+
+
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
+        self.activation = ACTIVATIONS[config.activation]
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.dropout(self.c_proj(nn.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array, mask: MaskSpec = "causal", cache: KVCache | None = None):
@@ -148,7 +152,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -1,6 +1,6 @@
 """The sampling rules and the generation loop, shared by every backend (numpy only).
 
-MLX generation (:mod:`mlxgpt.generate`) and the onnxruntime runtime (:mod:`export.runtime`)
+MLX generation (:mod:`mlxgpt.generate`) and the onnxruntime runtime (:mod:`mlxgpt_export.runtime`)
 both hand their last-position logits to :func:`sample_next` and drive the same
 :func:`generate_ids` loop, so for the same logits, settings and seed they pick the same
 tokens. This module never imports MLX.
@@ -21,19 +21,32 @@ Sampling semantics, applied in this order to the logits of the next token:
 
 The random stream is ``numpy.random.default_rng(seed)``: one uniform number per sampled
 token, so the same seed gives the same text on every backend.
+
+Defaults live here and nowhere else: :class:`SamplingParams`'s field defaults (greedy,
+no top-k, no top-p: what Hugging Face ``generate()`` does for a folder that says nothing)
+and :data:`DEFAULT_MAX_TOKENS`. Both command lines and the exported
+``generation_config.json`` are derived from them (:func:`to_generation_config`), and an
+export folder's ``generation_config.json`` is read back with Hugging Face's meaning
+(:func:`from_generation_config`), so a setting means the same in mlxgpt, transformers,
+Optimum and transformers.js.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
+
+DEFAULT_MAX_TOKENS = 200  # new tokens per generation when the caller does not say
 
 
 @dataclass(frozen=True)
 class SamplingParams:
-    temperature: float = 1.0
+    """How the next token is chosen; the field defaults are the library's defaults."""
+
+    temperature: float = 0.0  # 0 = greedy
     top_k: int | None = None
     top_p: float = 1.0
     seed: int | None = None
@@ -50,6 +63,44 @@ class SamplingParams:
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
+
+
+def to_generation_config(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
+    """Hugging Face ``generation_config.json`` keys that mean exactly ``params``.
+
+    ``top_k`` is always written (0 = off), because transformers applies ``top_k=50`` when
+    the key is missing; ``do_sample: false`` is greedy whatever the temperature says.
+    """
+    return {
+        "do_sample": params.temperature > 0,
+        "temperature": params.temperature if params.temperature > 0 else 1.0,
+        "top_k": params.top_k or 0,
+        "top_p": params.top_p,
+        "max_new_tokens": max_tokens,
+    }
+
+
+def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, int]:
+    """The sampling settings and token budget a ``generation_config.json`` asks for.
+
+    Read with Hugging Face's meaning and its defaults for missing keys: greedy unless
+    ``do_sample`` is true; then ``temperature`` (default 1.0), ``top_k`` (default 50,
+    0 = off) and ``top_p`` (default 1.0). ``max_new_tokens`` defaults to
+    :data:`DEFAULT_MAX_TOKENS`. Raises ``ValueError`` for values of the wrong type or range.
+    """
+    try:
+        max_tokens = int(values.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
+        if not values.get("do_sample", False):
+            return SamplingParams(temperature=0.0), max_tokens
+        top_k = values.get("top_k", 50)
+        params = SamplingParams(
+            temperature=float(values.get("temperature", 1.0)),
+            top_k=int(top_k) if top_k else None,
+            top_p=float(values.get("top_p", 1.0)),
+        )
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"invalid sampling settings {dict(values)}: {err}") from None
+    return params, max_tokens
 
 
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:

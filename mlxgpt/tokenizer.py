@@ -20,10 +20,12 @@ from pathlib import Path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from mlxgpt.errors import UserError
+
 EOT = "<|endoftext|>"
 
 
-class TokenizerError(ValueError):
+class TokenizerError(UserError, ValueError):
     """Text or a tokenizer file the tokenizer cannot handle; the message says why."""
 
 

@@ -33,12 +33,13 @@ from mlxgpt.config import (
     train_config_from_dict,
 )
 from mlxgpt.data import Dataset, read_corpus
+from mlxgpt.errors import UserError
 from mlxgpt.model import GPT
 from mlxgpt.model_io import load_model, load_optimizer_state, load_state, save_checkpoint
 from mlxgpt.tokenizer import Tokenizer
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(UserError, RuntimeError):
     """The loss became NaN or inf; the last good checkpoint is left untouched."""
 
 

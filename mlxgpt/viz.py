@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 
-from mlxgpt.config import ConfigError
+from mlxgpt.errors import UserError
 from mlxgpt.model import GPT, attention_weights, causal_mask
 from mlxgpt.tokenizer import Tokenizer
 
@@ -37,8 +37,8 @@ ALLOWED_COLOR = "#3b75af"
 MASKED_COLOR = "#e4e4e4"
 
 
-class VizError(ConfigError):
-    """A ``viz`` option the user can fix (a :class:`ConfigError`, so the CLI prints it)."""
+class VizError(UserError, ValueError):
+    """A ``viz`` option the user can fix."""
 
 
 def token_label(text: str) -> str:

@@ -23,12 +23,12 @@ from pathlib import Path
 import numpy as np
 
 import mlxgpt  # noqa: F401  (loads the fast BLAS before MLX)
-from export.exporter import export_checkpoint
-from export.runtime import OnnxGPT
 from mlxgpt.checkpoint import expected_shapes, resolve, write_atomic_dir, write_json
 from mlxgpt.config import GPTConfig, load_train_config
 from mlxgpt.sampling import SamplingParams
 from mlxgpt.tokenizer import Tokenizer
+from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.runtime import OnnxGPT
 
 HAVE_MLX = importlib.util.find_spec("mlx") is not None
 DIFFS = ["prompt", "decode step", "chunk after past", "left-padded batch"]  # max |logit diff|

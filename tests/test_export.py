@@ -12,15 +12,15 @@ import pytest
 from test_export_support import CONFIGS, write_random_checkpoint
 
 import mlxgpt
-from export import exporter
-from export import signature as sig
-from export.errors import ExportError
-from export.exporter import export_checkpoint, sampling_defaults
 from mlxgpt.checkpoint import CheckpointError, expected_shapes
 from mlxgpt.cli import main as mlxgpt_main
 from mlxgpt.tokenizer import Tokenizer
+from mlxgpt_export import exporter
+from mlxgpt_export import signature as sig
+from mlxgpt_export.errors import ExportError
+from mlxgpt_export.exporter import export_checkpoint
 
-CONFIG = CONFIGS["bias-4layer-hs7"]
+CONFIG = CONFIGS["bias-4layer-hs7-gelutanh"]
 FILES = {"model.onnx", "config.json", "tokenizer.json", "generation_config.json"}
 
 
@@ -42,13 +42,12 @@ def test_folder_contents(exported, ckpt: Path):
     assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(CONFIG)
     assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
     generation = json.loads((out / "generation_config.json").read_text())
-    defaults = sampling_defaults()
     assert generation["bos_token_id"] == Tokenizer.load(ckpt / "tokenizer.json").start_id
     assert generation["context_length"] == CONFIG.block_size
-    assert generation["max_new_tokens"] == defaults["max_tokens"]
-    assert (generation["temperature"], generation["top_k"], generation["top_p"]) == (
-        defaults["temperature"], defaults["top_k"], defaults["top_p"],
-    )  # fmt: skip
+    # Hugging Face keys with their Hugging Face meaning: greedy, top-k explicitly off
+    # (transformers would apply top_k=50 if the key were missing), 200 new tokens
+    assert generation["do_sample"] is False
+    assert (generation["top_k"], generation["top_p"], generation["max_new_tokens"]) == (0, 1, 200)
 
 
 def test_model_passes_the_full_checker_with_the_right_opset(exported):
@@ -200,7 +199,7 @@ def test_failed_export_leaves_nothing_behind(ckpt: Path, tmp_path: Path, monkeyp
 
 
 def test_failed_parity_check_writes_nothing(ckpt: Path, tmp_path: Path, monkeypatch):
-    monkeypatch.setattr("export.parity.TOLERANCE", -1.0)
+    monkeypatch.setattr("mlxgpt_export.parity.TOLERANCE", -1.0)
     with pytest.raises(ExportError, match="parity check failed"):
         export_checkpoint(ckpt, tmp_path / "out", quiet=True)
     assert list(tmp_path.iterdir()) == []

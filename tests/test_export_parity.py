@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from test_export_support import CONFIGS, mlx_logits, mlx_model, write_random_checkpoint
 
-from export.exporter import export_checkpoint
-from export.parity import reference_logits
-from export.runtime import OnnxGPT
 from mlxgpt.checkpoint import read_config, read_weights, resolve
 from mlxgpt.generate import generate_tokens
 from mlxgpt.sampling import SamplingParams
+from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.parity import reference_logits
+from mlxgpt_export.runtime import OnnxGPT
 
 ATOL = 1e-4  # float32
 MODELS = [*CONFIGS, "trained"]

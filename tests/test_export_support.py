@@ -26,9 +26,17 @@ CONFIGS = {
     "nobias-2layer-hs5": GPTConfig(
         vocab_size=33, block_size=24, n_layer=2, n_head=3, n_embd=15, bias=False
     ),
-    "bias-4layer-hs7": GPTConfig(vocab_size=47, block_size=32, n_layer=4, n_head=2, n_embd=14),
-    "nobias-3layer-hs9": GPTConfig(
-        vocab_size=65, block_size=64, n_layer=3, n_head=4, n_embd=36, bias=False
+    "bias-4layer-hs7-gelutanh": GPTConfig(
+        vocab_size=47, block_size=32, n_layer=4, n_head=2, n_embd=14, activation="gelu_tanh"
+    ),
+    "nobias-3layer-hs9-gelutanh": GPTConfig(
+        vocab_size=65,
+        block_size=64,
+        n_layer=3,
+        n_head=4,
+        n_embd=36,
+        bias=False,
+        activation="gelu_tanh",
     ),
 }
 

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from mlxgpt.config import GPTConfig
 from mlxgpt.generate import generate_tokens
-from mlxgpt.model import GPT, causal_mask, make_cache
+from mlxgpt.model import GPT, MLP, causal_mask, make_cache
 from mlxgpt.sampling import SamplingParams
 from mlxgpt.train import loss_fn
 
@@ -175,3 +175,16 @@ def test_cached_chunk_sees_the_past_and_its_own_earlier_tokens(model, mask):
     chunk = model(ids[:, 5:], mask=mask, cache=cache)  # 4 new queries after a past of 5
     full = model(ids, mask=mask)[:, 5:]
     assert np.abs(np.array(chunk) - np.array(full)).max() < 1e-5
+
+
+def test_activation_choice_changes_the_mlp_as_documented():
+    """ "gelu" is erf GELU; "gelu_tanh" is GPT-2's tanh form (differs by up to ~5e-4)."""
+    x = mx.linspace(-6, 6, 1001)
+    exact = MLP(GPTConfig(activation="gelu")).activation(x)
+    tanh = MLP(GPTConfig(activation="gelu_tanh")).activation(x)
+    xs = np.array(x, dtype=np.float64)
+    erf = np.vectorize(math.erf)(xs / math.sqrt(2))
+    np.testing.assert_allclose(np.array(exact), 0.5 * xs * (1 + erf), atol=1e-5)
+    inner = math.sqrt(2 / math.pi) * (xs + 0.044715 * xs**3)
+    np.testing.assert_allclose(np.array(tanh), 0.5 * xs * (1 + np.tanh(inner)), atol=1e-5)
+    assert 1e-4 < float(mx.abs(exact - tanh).max()) < 1e-3

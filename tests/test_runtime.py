@@ -14,13 +14,13 @@ import pytest
 from conftest import CORPUS
 from test_export_support import mlx_model
 
-from export.cli import main as ort_main
-from export.errors import ExportFolderError, InputError
-from export.exporter import export_checkpoint
-from export.runtime import FOLDER_FILES, OnnxGPT
 from mlxgpt.generate import generate_text, generate_tokens
 from mlxgpt.sampling import SamplingParams
 from mlxgpt.tokenizer import TokenizerError, prompt_ids
+from mlxgpt_export.cli import main as ort_main
+from mlxgpt_export.errors import ExportFolderError, InputError
+from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.runtime import FOLDER_FILES, OnnxGPT
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_PROMPT = CORPUS[:60]  # longer than the trained model's 32-token window
@@ -98,13 +98,43 @@ def test_batch_of_identical_prompts_with_a_seed_gives_identical_rows(ort: OnnxGP
     assert texts[0] == texts[1]
 
 
-def test_defaults_come_from_generation_config(ort: OnnxGPT):
-    params = ort.default_params()
-    generation = ort.generation
-    assert (params.temperature, params.top_k or 0, params.top_p) == (
-        generation["temperature"], generation["top_k"], generation["top_p"],
-    )  # fmt: skip
-    assert len(list(ort.generate_ids([1, 2], params=SamplingParams(0.0)))) == 200
+def test_exported_defaults_are_greedy_and_200_tokens(ort: OnnxGPT, mlx):
+    params, max_tokens = ort.default_settings()
+    assert (params.temperature, params.top_k, params.top_p, max_tokens) == (0.0, None, 1.0, 200)
+    ids = prompt_ids(ort.tokenizer, "All:")
+    greedy = list(generate_tokens(mlx[0], ids, 200, SamplingParams(temperature=0.0)))
+    assert list(ort.generate_ids(ids)) == greedy
+
+
+def test_omitted_flags_come_from_the_folders_generation_config(
+    exported: Path, tmp_path: Path, capsys
+):
+    folder = tmp_path / "edited"
+    shutil.copytree(exported, folder)
+    path = folder / "generation_config.json"
+    edited = {**json.loads(path.read_text()), "do_sample": True, "temperature": 0.7}
+    edited.update(top_k=5, top_p=0.9, max_new_tokens=13)
+    path.write_text(json.dumps(edited))
+    model = OnnxGPT.load(folder)
+    assert model.default_settings() == (SamplingParams(0.7, 5, 0.9), 13)
+    expected = "".join(model.generate("All:", params=SamplingParams(0.7, 5, 0.9, seed=3)))
+    assert len(model.tokenizer.encode(expected)) == 13
+    assert ort_main(["generate", str(folder), "--prompt", "All:", "--seed", "3"]) == 0
+    assert capsys.readouterr().out == "All:" + expected + "\n"
+    # a flag given on the command line wins over the folder
+    assert ort_main(["generate", str(folder), "--prompt", "All:", "--max-tokens", "4"]) == 0
+    assert len(model.tokenizer.encode(capsys.readouterr().out[4:-1])) == 4
+
+
+def test_generation_config_keys_missing_take_hugging_face_defaults(exported: Path, tmp_path):
+    folder = tmp_path / "sparse"
+    shutil.copytree(exported, folder)
+    (folder / "generation_config.json").write_text('{"do_sample": true}')
+    # transformers' defaults for a sampling config: temperature 1, top_k 50, top_p 1
+    assert OnnxGPT.load(folder).default_settings() == (SamplingParams(1.0, 50, 1.0), 200)
+    (folder / "generation_config.json").write_text('{"do_sample": true, "top_k": "many"}')
+    with pytest.raises(ExportFolderError, match="generation_config.json"):
+        OnnxGPT.load(folder).default_settings()
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -158,6 +188,7 @@ def test_missing_or_corrupt_export_folder(exported: Path, tmp_path: Path):
 # -- the mlxgpt-ort command -----------------------------------------------------------------
 def test_cli_generate_streams_the_same_text(exported: Path, ort: OnnxGPT, capsys):
     args = ["generate", str(exported), "--prompt", "First", "--max-tokens", "30", "--seed", "3"]
+    args += ["--temperature", "0.8"]
     assert ort_main(args) == 0
     expected = "".join(ort.generate("First", 30, SamplingParams(temperature=0.8, seed=3)))
     assert capsys.readouterr().out == "First" + expected + "\n"
@@ -191,7 +222,7 @@ def test_cli_errors(exported: Path, tmp_path: Path, capsys):
 
 def test_cli_info_and_python_dash_m(exported: Path):
     result = subprocess.run(
-        [sys.executable, "-m", "export", "info", str(exported)],
+        [sys.executable, "-m", "mlxgpt_export", "info", str(exported)],
         cwd=REPO, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
@@ -221,9 +252,9 @@ try:
 except ImportError:
     mlx_importable = False
 
-from export.exporter import export_checkpoint
-from export.runtime import OnnxGPT
-from export.cli import main
+from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.runtime import OnnxGPT
+from mlxgpt_export.cli import main
 from mlxgpt.sampling import SamplingParams
 
 ckpt, out, prompt = sys.argv[1], sys.argv[2], json.loads(sys.argv[3])

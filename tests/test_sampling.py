@@ -32,19 +32,19 @@ def test_temperature_sharpens_and_flattens():
 
 
 def test_top_k_keeps_exactly_k_tokens_renormalised():
-    p = filtered_probs(LOGITS, SamplingParams(top_k=2))
+    p = filtered_probs(LOGITS, SamplingParams(1.0, top_k=2))
     assert np.allclose(p, [0.5 / 0.7, 0.2 / 0.7, 0, 0, 0])
-    tied = filtered_probs(np.zeros(4), SamplingParams(top_k=2))
+    tied = filtered_probs(np.zeros(4), SamplingParams(1.0, top_k=2))
     assert np.allclose(tied, [0.5, 0.5, 0, 0])  # ties broken towards the lower id
 
 
 def test_top_p_keeps_the_smallest_prefix_reaching_p():
     # cumulative: 0.5, 0.7, 0.85, 0.95, 1.0
-    assert np.count_nonzero(filtered_probs(LOGITS, SamplingParams(top_p=0.5))) == 1
-    assert np.count_nonzero(filtered_probs(LOGITS, SamplingParams(top_p=0.6))) == 2
-    p = filtered_probs(LOGITS, SamplingParams(top_p=0.8))
+    assert np.count_nonzero(filtered_probs(LOGITS, SamplingParams(1.0, top_p=0.5))) == 1
+    assert np.count_nonzero(filtered_probs(LOGITS, SamplingParams(1.0, top_p=0.6))) == 2
+    p = filtered_probs(LOGITS, SamplingParams(1.0, top_p=0.8))
     assert np.allclose(p, np.array([0.5, 0.2, 0.15, 0, 0]) / 0.85)
-    assert np.count_nonzero(filtered_probs(LOGITS, SamplingParams(top_p=1e-9))) == 1
+    assert np.count_nonzero(filtered_probs(LOGITS, SamplingParams(1.0, top_p=1e-9))) == 1
 
 
 def test_order_is_temperature_then_top_k_then_top_p():
@@ -60,7 +60,7 @@ def test_order_is_temperature_then_top_k_then_top_p():
 
 def test_sampling_frequencies_follow_the_filtered_distribution():
     rng = np.random.default_rng(0)
-    params = SamplingParams(top_k=3)
+    params = SamplingParams(1.0, top_k=3)
     draws = np.bincount([sample_next(LOGITS, params, rng) for _ in range(6000)], minlength=5)
     assert draws[3] == draws[4] == 0
     assert np.allclose(draws[:3] / 6000, np.array([0.5, 0.2, 0.15]) / 0.85, atol=0.03)
@@ -74,7 +74,7 @@ def test_same_seed_same_tokens_different_seed_different_tokens():
         return table[new_ids[-1]]
 
     def run(seed):
-        return list(generate_ids(step, [0], 40, 64, SamplingParams(seed=seed)))
+        return list(generate_ids(step, [0], 40, 64, SamplingParams(1.0, seed=seed)))
 
     assert run(7) == run(7)
     assert run(7) != run(8)
