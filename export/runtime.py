@@ -238,7 +238,13 @@ class OnnxGPT:
             self._max_tokens(max_tokens),
             self.config.block_size,
             params or self.default_params(),
+            stop_id=self.eos_id,
         )
+
+    @property
+    def eos_id(self) -> int | None:
+        """The end-of-text token that stops generation (``None``: none, or no tokenizer)."""
+        return self.tokenizer.eos_id if self.tokenizer is not None else None
 
     def _need_tokenizer(self) -> Tokenizer:
         if self.tokenizer is None:
@@ -269,8 +275,12 @@ class OnnxGPT:
         prompts: Sequence[Sequence[int]],
         max_tokens: int | None = None,
         params: SamplingParams | None = None,
-    ) -> Iterator[list[int]]:
+    ) -> Iterator[list[int | None]]:
         """Generate for several prompts at once; yield each step's new token of every row.
+
+        A row that has drawn the end-of-text token (:attr:`eos_id`) is finished: from then
+        on its entry is ``None`` (the end-of-text token itself is not yielded), and the
+        generator stops once every row is finished or ``max_tokens`` steps are done.
 
         Prompts of different lengths are left-padded (``attention_mask`` 0 on the padding,
         positions from :func:`~mlxgpt_export.signature.position_ids_from_mask`). Row ``r`` draws
@@ -294,9 +304,13 @@ class OnnxGPT:
         if max_tokens == 0:
             return
         logits, past, mask = self._prefill(contexts)
+        finished = [False] * len(contexts)
         for i in range(max_tokens):
             tokens = [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
-            yield tokens
+            finished = [f or t == self.eos_id for f, t in zip(finished, tokens, strict=True)]
+            if all(finished):
+                return
+            yield [None if done else token for done, token in zip(finished, tokens, strict=True)]
             if i == max_tokens - 1:
                 break
             for context, token in zip(contexts, tokens, strict=True):
@@ -321,5 +335,6 @@ class OnnxGPT:
         ids = [prompt_ids(tokenizer, p) for p in prompts]
         for tokens in self.generate_batch_ids(ids, max_tokens, params):
             for row, token in zip(rows, tokens, strict=True):
-                row.append(token)
+                if token is not None:
+                    row.append(token)
         return [tokenizer.decode(row) for row in rows]

@@ -49,14 +49,18 @@ def generate_tokens(
     max_tokens: int,
     params: SamplingParams,
     use_cache: bool = True,
+    stop_id: int | None = None,
 ) -> Iterator[int]:
+    """New token ids after ``ids``; drawing ``stop_id`` (end of text) ends generation."""
     step = cached_step(model) if use_cache else recompute_step(model)
-    return generate_ids(step, ids, max_tokens, model.config.block_size, params)
+    block = model.config.block_size
+    return generate_ids(step, ids, max_tokens, block, params, stop_id=stop_id)
 
 
 def generate_text(
     model: GPT, tokenizer: Tokenizer, prompt: str, max_tokens: int, params: SamplingParams
 ) -> Iterator[str]:
     """Stream the generated text piece by piece (the prompt itself is not repeated)."""
-    tokens = generate_tokens(model, prompt_ids(tokenizer, prompt), max_tokens, params)
+    ids = prompt_ids(tokenizer, prompt)
+    tokens = generate_tokens(model, ids, max_tokens, params, stop_id=tokenizer.eos_id)
     return stream_text(tokenizer, tokens)

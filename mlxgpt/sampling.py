@@ -176,6 +176,7 @@ def generate_ids(
     block_size: int,
     params: SamplingParams,
     rng: np.random.Generator | None = None,
+    stop_id: int | None = None,
 ) -> Iterator[int]:
     """Yield up to ``max_tokens`` new token ids, one at a time.
 
@@ -184,6 +185,8 @@ def generate_ids(
     slides and the last ``block_size`` tokens are recomputed from scratch (there is no
     cache to reuse because every token's position changes). The prompt must be
     non-empty (callers substitute the tokenizer's start token for an empty prompt).
+    Drawing ``stop_id`` (the tokenizer's end-of-text token, if it has one) ends the text:
+    it is not yielded.
     """
     if max_tokens < 0:
         raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
@@ -196,6 +199,8 @@ def generate_ids(
     logits = step(context, 0)
     for i in range(max_tokens):
         token = sample_next(logits, params, rng)
+        if token == stop_id:
+            return
         yield token
         if i == max_tokens - 1:
             break

@@ -9,7 +9,8 @@ training, MLX generation and the onnxruntime runtime (this module never imports 
   because any byte has a token. ``<|endoftext|>`` separates documents.
 
 An empty prompt starts from :attr:`Tokenizer.start_id` (``<|endoftext|>`` for BPE, the
-newline character for ``char``), which is never printed.
+newline character for ``char``), which is never printed. Generation stops at
+:attr:`Tokenizer.eos_id` (``<|endoftext|>`` for BPE; ``char`` models have none).
 """
 
 from __future__ import annotations
@@ -87,6 +88,16 @@ class Tokenizer:
         if self.kind == "bpe":
             return self.vocab[EOT]
         return self.vocab.get("\n", 0)
+
+    @property
+    def eos_id(self) -> int | None:
+        """The token that ends a text: generation stops when it is drawn (not printed).
+
+        ``<|endoftext|>`` for BPE (it separates the documents of the training corpus, so
+        the model learns to emit it where a text ends); ``None`` for ``char`` models,
+        whose start token (the newline) is an ordinary character and never ends a text.
+        """
+        return self.vocab.get(EOT) if self.kind == "bpe" else None
 
     @property
     def doc_separator(self) -> list[int]:

@@ -289,3 +289,25 @@ def test_export_and_runtime_work_without_mlx(trained_ckpt: Path, mlx, tmp_path: 
     assert report["batch_steps"] == 5 and report["cli_rc"] == 0
     assert report["cli_out"].startswith("All:") and len(report["cli_out"]) > len("All:\n")
     assert np.all(np.array(report["ids"]) < tokenizer.vocab_size)
+
+
+def test_end_of_text_token_stops_single_and_batched_generation(ort: OnnxGPT, monkeypatch):
+    prompts = [prompt_ids(ort.tokenizer, p) for p in ("All:", "First Citizen")]
+
+    def columns(steps):
+        return [[step[r] for step in steps if step[r] is not None] for r in range(len(prompts))]
+
+    free = columns(list(ort.generate_batch_ids(prompts, 12)))
+    stop = free[1][5]  # a token row 1 draws at its 6th step
+    monkeypatch.setattr(OnnxGPT, "eos_id", property(lambda self: stop))
+
+    def cut(row):
+        return row[: row.index(stop)] if stop in row else row
+
+    steps = list(ort.generate_batch_ids(prompts, 12))
+    rows = columns(steps)
+    assert rows == [cut(r) for r in free]
+    everyone_stops = all(stop in r for r in free)
+    assert len(steps) == (max(r.index(stop) for r in free) if everyone_stops else 12)
+    for prompt, row in zip(prompts, rows, strict=True):
+        assert list(ort.generate_ids(prompt, 12)) == row

@@ -121,3 +121,17 @@ def test_max_tokens_is_honoured_and_zero_is_allowed():
 
     assert len(list(generate_ids(step, [1], 7, 16, SamplingParams(seed=0)))) == 7
     assert list(generate_ids(step, [1], 0, 16, SamplingParams(seed=0))) == []
+
+
+def test_drawing_the_stop_token_ends_generation_without_yielding_it():
+    script = [5, 6, 2, 7, 8]  # the arg-max token of each step
+
+    def step(new_ids, past_len):
+        logits = np.zeros(10)
+        logits[script[past_len + len(new_ids) - 1]] = 1.0
+        return logits
+
+    greedy = SamplingParams(temperature=0)
+    assert list(generate_ids(step, [1], 5, 16, greedy)) == [5, 6, 2, 7, 8]
+    assert list(generate_ids(step, [1], 5, 16, greedy, stop_id=2)) == [5, 6]
+    assert list(generate_ids(step, [1], 5, 16, greedy, stop_id=5)) == []
