@@ -198,6 +198,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from mlxgpt.hf import describe, import_hf
+
+    out, config = import_hf(args.hf_dir, args.out_dir)
+    print(f"imported {args.hf_dir} -> {out}: GPT-2, {describe(config)}")
+    print(f"try: mlxgpt generate {out} --prompt '...'   or: mlxgpt export {out} OUT_DIR")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from mlxgpt.hf import export_hf
+
+    out = export_hf(args.checkpoint, args.out_dir)
+    print(f"exported {args.checkpoint} -> {out} (transformers GPT2LMHeadModel + AutoTokenizer)")
+    return 0
+
+
 def cmd_viz(args: argparse.Namespace) -> int:
     from mlxgpt import viz
 
@@ -279,6 +296,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-verify", action="store_true", help="skip the onnxruntime check at export time"
     )
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "import-hf",
+        help="turn a Hugging Face GPT-2 folder into an mlxgpt checkpoint",
+        description="Read HF_DIR (config.json, model.safetensors, tokenizer.json of a "
+        "GPT-2-family model) and write an mlxgpt checkpoint to OUT_DIR, ready for "
+        "`mlxgpt generate` and `mlxgpt export`. No network: the folder is given.",
+    )
+    p.add_argument("hf_dir")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser(
+        "export-hf",
+        help="write a checkpoint as a Hugging Face GPT-2 folder",
+        description="Write OUT_DIR for transformers: config.json, model.safetensors, "
+        "generation_config.json, tokenizer.json and tokenizer_config.json "
+        "(GPT2LMHeadModel.from_pretrained and AutoTokenizer.from_pretrained load it).",
+    )
+    p.add_argument("checkpoint", help="a training out_dir or checkpoint folder")
+    p.add_argument("out_dir")
+    p.set_defaults(func=cmd_export_hf)
 
     p = sub.add_parser(
         "viz",
