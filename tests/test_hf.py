@@ -432,6 +432,21 @@ def untied_head(tensors):
     tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + 1.0
 
 
+def nan_weight(tensors):
+    tensors["transformer.wte.weight"][3, 5] = np.nan
+
+
+def extra_tensor(tensors):
+    tensors["score.weight"] = np.zeros((2, 32), np.float32)  # a classification head
+
+
+def no_end_of_text(folder: Path):
+    path = folder / "tokenizer.json"
+    data = json.loads(path.read_text())
+    data["added_tokens"] = []
+    path.write_text(json.dumps(data))
+
+
 def bin_only(folder: Path):
     state = {k: torch.from_numpy(v) for k, v in tensors_of(folder).items()}
     torch.save(state, folder / "pytorch_model.bin")
@@ -471,11 +486,15 @@ BAD_FOLDERS = {
     "missing_weight": (lambda f: edit_tensors(f, drop_tensor), ["h.1.mlp.c_fc.weight"]),
     "shape": (lambda f: edit_tensors(f, short_wpe), ["wpe.weight", "(64, 32)"]),
     "untied_head": (lambda f: edit_tensors(f, untied_head), ["untied"]),
+    "nan": (lambda f: edit_tensors(f, nan_weight), ["wte.weight", "NaN"]),
+    "extra_tensor": (lambda f: edit_tensors(f, extra_tensor), ["unexpected ['score.weight']"]),
+    "cross_attention": (lambda f: edit_config(f, add_cross_attention=True), ["cross"]),
     "bin_only": (bin_only, ["pytorch_model.bin", "save_pretrained"]),
     "bfloat16": (bfloat16, ["BF16", "float()"]),
     "truncated": (truncated, ["corrupt"]),
     "no_tokenizer": (lambda f: (f / "tokenizer.json").unlink(), ["tokenizer.json"]),
     "tokenizer_size": (small_tokenizer, ["vocab_size"]),
+    "no_end_of_text": (no_end_of_text, [EOT]),
     "no_config": (lambda f: (f / "config.json").unlink(), ["config.json"]),
     "no_folder": (shutil.rmtree, ["not a folder"]),
 }
