@@ -68,16 +68,14 @@ class SamplingParams:
 def to_generation_config(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
     """Hugging Face ``generation_config.json`` keys that mean exactly ``params``.
 
-    ``top_k`` is always written (0 = off), because transformers applies ``top_k=50`` when
-    the key is missing; ``do_sample: false`` is greedy whatever the temperature says.
+    Greedy settings are ``do_sample: false`` alone (transformers warns about sampling
+    keys it would ignore). Sampling settings always carry ``top_k`` (0 = off), because
+    transformers applies ``top_k=50`` when the key is missing.
     """
-    return {
-        "do_sample": params.temperature > 0,
-        "temperature": params.temperature if params.temperature > 0 else 1.0,
-        "top_k": params.top_k or 0,
-        "top_p": params.top_p,
-        "max_new_tokens": max_tokens,
-    }
+    values: dict[str, Any] = {"do_sample": params.temperature > 0, "max_new_tokens": max_tokens}
+    if params.temperature > 0:
+        values.update(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p)
+    return values
 
 
 def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, int]:

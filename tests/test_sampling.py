@@ -7,7 +7,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxgpt.sampling import SamplingParams, filtered_probs, generate_ids, sample_next
+from mlxgpt.sampling import (
+    SamplingParams,
+    filtered_probs,
+    from_generation_config,
+    generate_ids,
+    sample_next,
+    to_generation_config,
+)
 
 LOGITS = np.log(np.array([0.5, 0.2, 0.15, 0.1, 0.05]))
 
@@ -135,3 +142,17 @@ def test_drawing_the_stop_token_ends_generation_without_yielding_it():
     assert list(generate_ids(step, [1], 5, 16, greedy)) == [5, 6, 2, 7, 8]
     assert list(generate_ids(step, [1], 5, 16, greedy, stop_id=2)) == [5, 6]
     assert list(generate_ids(step, [1], 5, 16, greedy, stop_id=5)) == []
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(), SamplingParams(0.7), SamplingParams(1.3, top_k=5, top_p=0.9)],
+    ids=["greedy", "temperature", "all"],
+)
+def test_generation_config_round_trip_keeps_the_meaning(params):
+    values = to_generation_config(params, 77)
+    assert from_generation_config(values) == (params, 77)
+    # read the way transformers reads it: a missing top_k would mean 50
+    assert values["do_sample"] == (params.temperature > 0)
+    if values["do_sample"]:
+        assert values["top_k"] == (params.top_k or 0)
