@@ -18,10 +18,11 @@ from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export import exporter
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
-from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.exporter import EXPORT_ENTRIES, export_checkpoint
+from mlxgpt_export.runtime import MODEL_FILE
 
 CONFIG = CONFIGS["bias-4layer-hs7-gelutanh"]
-FILES = {"model.onnx", "config.json", "tokenizer.json", "generation_config.json"}
+FILES = set(EXPORT_ENTRIES)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +40,20 @@ def exported(request, ckpt: Path, tmp_path_factory) -> tuple[str, Path]:
 def test_folder_contents(exported, ckpt: Path):
     _, out = exported
     assert {p.name for p in out.iterdir()} == FILES
-    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(CONFIG)
-    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert [p.name for p in (out / "onnx").iterdir()] == ["model.onnx"]  # weights stored once
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlxgpt"] == dataclasses.asdict(CONFIG)
+    assert config["model_type"] == "gpt2" and config["activation_function"] == "gelu_new"
+    assert (config["n_layer"], config["n_head"], config["n_embd"]) == (4, 2, 14)
+    assert (config["vocab_size"], config["n_positions"]) == (CONFIG.vocab_size, CONFIG.block_size)
+    # the tokenizer is rewritten in the form every client reads, with the same ids
+    original = Tokenizer.load(ckpt / "tokenizer.json")
+    written = Tokenizer.load(out / "tokenizer.json")
+    text = "".join(written.vocab) * 3
+    assert written.encode(text) == original.encode(text)
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["bos_token_id"] == Tokenizer.load(ckpt / "tokenizer.json").start_id
+    assert generation["bos_token_id"] == original.start_id == config["bos_token_id"]
+    assert generation["eos_token_id"] is None is config["eos_token_id"]  # a char model
     assert generation["context_length"] == CONFIG.block_size
     # Hugging Face keys with their Hugging Face meaning: greedy, top-k explicitly off
     # (transformers would apply top_k=50 if the key were missing), 200 new tokens
@@ -52,7 +63,7 @@ def test_folder_contents(exported, ckpt: Path):
 
 def test_model_passes_the_full_checker_with_the_right_opset(exported):
     form, out = exported
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / MODEL_FILE))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == {"portable": 17, "fused": 23}[form]
     ops = {node.op_type for node in model.graph.node}
@@ -62,7 +73,7 @@ def test_model_passes_the_full_checker_with_the_right_opset(exported):
 
 def test_inputs_outputs_have_standard_names_and_symbolic_dims(exported):
     _, out = exported
-    graph = onnx.load(str(out / "model.onnx")).graph
+    graph = onnx.load(str(out / MODEL_FILE)).graph
 
     def dims(value: onnx.ValueInfoProto) -> list[str | int]:
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
@@ -82,7 +93,7 @@ def test_inputs_outputs_have_standard_names_and_symbolic_dims(exported):
 
 def test_tied_embedding_is_stored_once(exported):
     _, out = exported
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / MODEL_FILE))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     vocab_sized = [name for name, a in inits.items() if CONFIG.vocab_size in a.shape]
     assert vocab_sized == ["wte.weight"]
@@ -92,7 +103,7 @@ def test_tied_embedding_is_stored_once(exported):
 
 def test_metadata_records_version_config_and_parity(exported):
     form, out = exported
-    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(out / MODEL_FILE)).metadata_props}
     assert meta["mlxgpt_version"] == mlxgpt.__version__
     assert json.loads(meta["model_config"]) == dataclasses.asdict(CONFIG)
     assert meta["attention"] == form
@@ -104,7 +115,7 @@ def test_metadata_records_version_config_and_parity(exported):
 
 def test_no_verify_records_that_parity_was_not_measured(ckpt: Path, tmp_path: Path):
     export_checkpoint(ckpt, tmp_path / "out", verify=False, quiet=True)
-    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out/model.onnx")).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / MODEL_FILE)).metadata_props}
     assert json.loads(meta["parity"]) == {"measured": False}
 
 
@@ -185,7 +196,7 @@ def test_failed_export_leaves_nothing_behind(ckpt: Path, tmp_path: Path, monkeyp
     out = tmp_path / "out"
     if existing:
         export_checkpoint(ckpt, out, quiet=True)
-        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -195,7 +206,7 @@ def test_failed_export_leaves_nothing_behind(ckpt: Path, tmp_path: Path, monkeyp
         export_checkpoint(ckpt, out, force=True, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_failed_parity_check_writes_nothing(ckpt: Path, tmp_path: Path, monkeypatch):
