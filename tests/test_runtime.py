@@ -190,6 +190,7 @@ def _edit_config(exported: Path, folder: Path, edit) -> Path:
 
 def test_config_edited_after_export_is_refused(exported: Path, tmp_path: Path):
     """The ONNX metadata records the config; an edited config.json names what differs."""
+
     def n_head_4_everywhere(config: dict) -> None:
         config["n_head"] = config["mlxgpt"]["n_head"] = 4
 
