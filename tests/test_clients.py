@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -172,3 +173,16 @@ def test_transformers_js(case, transformers_js, expected):
     assert result["encoded"] == want["encoded"]
     check_generation(case[0], want, result["generated"], result["batch"])
     assert result["texts"] == want["texts"]
+
+
+def test_bench_clients_smoke(tmp_path: Path, capsys):
+    """scripts/bench_clients.py on a tiny random model: every client and form gets a figure."""
+    out = tmp_path / "bench.json"
+    rows = clients.main(["--tokens", "6", "--rounds", "1", "--json", str(out)])
+    assert {(r["client"], r["attention"]) for r in rows} == {
+        (c, f) for c in ("mlxgpt-ort", "optimum", "genai", "transformers.js") for f in clients.FORMS
+    }
+    assert all(r["tokens_per_s"] > 0 for r in rows)
+    assert [r["ratio"] for r in rows if r["client"] == "mlxgpt-ort"] == [1.0, 1.0]
+    assert json.loads(out.read_text())["rows"] == rows
+    assert "| transformers.js | fused |" in capsys.readouterr().out
