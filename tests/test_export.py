@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_export_support import CONFIGS, write_random_checkpoint
+from safetensors.numpy import save_file
+from test_export_support import CONFIGS, random_weights, write_random_checkpoint
 
 import mlxgpt
 from mlxgpt.checkpoint import CheckpointError, expected_shapes
@@ -227,3 +228,42 @@ def test_cli_export(ckpt: Path, tmp_path: Path, capsys):
     assert mlxgpt_main(["export", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_special_tokens_in_the_client_files(tmp_path: Path, kind: str):
+    """bos = start token; eos/pad = <|endoftext|> for BPE, none for char (genai: see below)."""
+    text = "First Citizen:\nSpeak, speak.\n" * 20
+    if kind == "bpe":
+        tokenizer = Tokenizer.train_bpe([text], vocab_size=300)
+    else:
+        tokenizer = Tokenizer.train_char([text])
+    config = dataclasses.replace(CONFIG, vocab_size=tokenizer.vocab_size)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(random_weights(config), str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    tokenizer.save(ckpt / "tokenizer.json")
+    out = export_checkpoint(ckpt, tmp_path / "out", verify=False, quiet=True)
+    files = {name: json.loads((out / name).read_text()) for name in EXPORT_ENTRIES[1:]}
+    eos = tokenizer.eos_id
+    for name in ("config.json", "generation_config.json"):
+        ids = [files[name][f"{t}_token_id"] for t in ("bos", "eos", "pad")]
+        assert ids == [tokenizer.start_id, eos, eos]
+    tokens = files["tokenizer_config.json"]
+    eot = "<|endoftext|>" if kind == "bpe" else None
+    assert [tokens[f"{t}_token"] for t in ("bos", "eos", "pad")] == [eot] * 3
+    assert tokens["padding_side"] == "left" and not tokens["add_bos_token"]
+    assert files["special_tokens_map.json"] == (
+        {} if eot is None else dict.fromkeys(("bos_token", "eos_token", "pad_token"), eot)
+    )
+    genai = files["genai_config.json"]["model"]
+    # genai insists on an end token in the vocabulary: a char model gets its highest id
+    stop = eos if kind == "bpe" else tokenizer.vocab_size - 1
+    assert (genai["eos_token_id"], genai["pad_token_id"], genai["bos_token_id"]) == (
+        stop,
+        stop,
+        tokenizer.start_id,
+    )
+    assert genai["decoder"]["filename"] == MODEL_FILE
+    assert files["genai_config.json"]["search"]["past_present_share_buffer"] is False
