@@ -24,6 +24,8 @@ a sequence longer than the window is an :class:`~mlxgpt_export.errors.InputError
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,18 +34,26 @@ import numpy as np
 import onnxruntime as ort
 
 from mlxgpt import sampling
-from mlxgpt.checkpoint import CheckpointError, read_config, read_json, read_tokenizer
-from mlxgpt.config import GPTConfig
+from mlxgpt.checkpoint import CheckpointError, read_json, read_tokenizer
+from mlxgpt.config import ConfigError, GPTConfig, gpt_config_from_dict
+from mlxgpt.hf_config import shape_mismatches
 from mlxgpt.sampling import SamplingParams, StepFn, crop_prompt, generate_ids, sample_next
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportFolderError, InputError
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
+# The files of an export folder that this runtime reads (the exporter writes more, for
+# other clients: mlxgpt_export.exporter.EXPORT_ENTRIES).
+MODEL_FILE = "onnx/model.onnx"  # where transformers.js looks; Optimum and genai find it there too
+CONFIG_FILE = "config.json"  # Hugging Face GPT-2 config; mlxgpt's GPTConfig under MLXGPT_KEY
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation_config.json"
 FOLDER_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
+MLXGPT_KEY = "mlxgpt"
+# Folders exported before the layout above: model.onnx beside a config.json that is the
+# GPTConfig itself. They still load.
+LEGACY_MODEL_FILE = "model.onnx"
+REEXPORT = "export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`"
 
 # Keys and values of every layer: [(key, value), ...], each (batch, n_head, time, head_size).
 Past = list[tuple[np.ndarray, np.ndarray]]
@@ -70,6 +80,87 @@ def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.I
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
+def find_model_file(folder: Path) -> Path:
+    """The folder's ONNX file (``onnx/model.onnx``, or ``model.onnx`` in a legacy folder).
+
+    Raises :class:`ExportFolderError` naming what is missing when the folder is incomplete.
+    """
+    if not folder.is_dir():
+        raise ExportFolderError(
+            f"export folder {folder} does not exist: create it with "
+            "`mlxgpt export CKPT_DIR OUT_DIR`"
+        )
+    model_path = folder / MODEL_FILE
+    if not model_path.is_file() and (folder / LEGACY_MODEL_FILE).is_file():
+        model_path = folder / LEGACY_MODEL_FILE
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if model_path.is_file() and MODEL_FILE in missing:
+        missing.remove(MODEL_FILE)
+    if missing:
+        raise ExportFolderError(
+            f"export folder {folder} is incomplete: missing {', '.join(missing)} ({REEXPORT})"
+        )
+    return model_path
+
+
+def read_folder_config(folder: Path) -> GPTConfig:
+    """The GPTConfig of an export folder's ``config.json``.
+
+    Today's folders hold a Hugging Face GPT-2 config with the GPTConfig under ``"mlxgpt"``;
+    the GPT-2 keys must still describe the same shape (clients read those). Legacy folders
+    hold the GPTConfig itself.
+    """
+    path = folder / CONFIG_FILE
+    values = read_json(path)
+    if MLXGPT_KEY not in values and "model_type" in values:
+        raise ExportFolderError(
+            f"{path} has no {MLXGPT_KEY!r} key: this folder was not written by `mlxgpt export` "
+            f"({REEXPORT})"
+        )
+    try:
+        config = gpt_config_from_dict(values.get(MLXGPT_KEY, values))
+    except ConfigError as err:
+        raise ExportFolderError(f"{path} is invalid: {err} ({REEXPORT})") from None
+    if MLXGPT_KEY in values:
+        mismatches = shape_mismatches(values, config)
+        if mismatches:
+            raise ExportFolderError(
+                f"{path}: the Hugging Face keys disagree with its {MLXGPT_KEY!r} config "
+                f"({'; '.join(mismatches)}): was it edited? {REEXPORT}"
+            )
+    return config
+
+
+def check_recorded_config(
+    session: ort.InferenceSession, config: GPTConfig, config_path: Path, model_path: Path
+) -> None:
+    """Raise :class:`ExportFolderError` if ``config`` is not the one the model was exported with.
+
+    The exporter records the GPTConfig in the model's ``model_config`` metadata; a
+    ``config.json`` edited afterwards (say ``n_head``) would make the runtime split heads
+    differently from the graph, so it is refused with the differing keys named.
+    """
+    recorded = session.get_modelmeta().custom_metadata_map.get("model_config")
+    if recorded is None:
+        return  # not recorded: the input-name check in OnnxGPT still guards the shape
+    try:
+        expected = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise ExportFolderError(f"{model_path}: its model_config metadata is corrupt") from None
+    actual = dataclasses.asdict(config)
+    differing = [
+        f"{key} is {actual.get(key)!r} in {config_path.name} but {expected.get(key)!r} in "
+        f"{model_path.name}"
+        for key in sorted(set(expected) | set(actual))
+        if actual.get(key) != expected.get(key)
+    ]
+    if differing:
+        raise ExportFolderError(
+            f"{config_path} does not match the model it was exported with: "
+            f"{'; '.join(differing)}. Undo the edit, or {REEXPORT}"
+        )
+
+
 class OnnxGPT:
     """An exported mlxgpt model in an onnxruntime session, with its tokenizer and defaults."""
 
@@ -91,34 +182,33 @@ class OnnxGPT:
         self.config = config
         self.tokenizer = tokenizer
         self.generation = generation or {}
+        self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
-        """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`)."""
+        """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`).
+
+        Reads ``onnx/model.onnx`` (or a legacy folder's ``model.onnx``), ``config.json``,
+        ``tokenizer.json`` and ``generation_config.json``, and checks that the config is the
+        one recorded in the model's metadata when it was exported.
+        """
         folder = Path(folder)
-        if not folder.is_dir():
-            raise ExportFolderError(
-                f"export folder {folder} does not exist: create it with "
-                "`mlxgpt export CKPT_DIR OUT_DIR`"
-            )
-        missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
-        if missing:
-            raise ExportFolderError(
-                f"export folder {folder} is incomplete: missing {', '.join(missing)} "
-                "(export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`)"
-            )
-        try:  # the folder holds a checkpoint's config and tokenizer files: same readers
-            config = read_config(folder)
+        model_path = find_model_file(folder)
+        try:  # the folder holds a checkpoint's tokenizer file: same reader
+            config = read_folder_config(folder)
             tokenizer = read_tokenizer(folder, config)
             generation = read_json(folder / GENERATION_FILE)
         except CheckpointError as err:
             raise ExportFolderError(str(err)) from None
         try:
-            session = make_session(folder / MODEL_FILE, threads)
+            session = make_session(model_path, threads)
         except Exception as err:  # onnxruntime raises its own exception types
-            raise ExportFolderError(f"{folder / MODEL_FILE} cannot be loaded: {err}") from None
-        return cls(session, config, tokenizer, generation)
+            raise ExportFolderError(f"{model_path} cannot be loaded: {err}") from None
+        check_recorded_config(session, config, folder / CONFIG_FILE, model_path)
+        model = cls(session, config, tokenizer, generation)
+        model.model_path = model_path
+        return model
 
     # -- the forward pass -------------------------------------------------------------------
     def empty_past(self, batch: int) -> Past:

@@ -280,8 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export a checkpoint to ONNX",
-        description="Write model.onnx, config.json, tokenizer.json and "
-        "generation_config.json to OUT_DIR (no MLX needed).",
+        description="Write OUT_DIR: onnx/model.onnx plus the config, tokenizer and "
+        "generation files that mlxgpt-ort, Optimum, onnxruntime-genai and transformers.js "
+        "read (no MLX needed).",
     )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")

@@ -8,6 +8,14 @@ training, MLX generation and the onnxruntime runtime (this module never imports 
 * ``bpe``: byte-level BPE trained on the corpus. Every UTF-8 string round-trips exactly,
   because any byte has a token. ``<|endoftext|>`` separates documents.
 
+A ``char`` tokenizer also lists every character as a (non-special) added token. That
+changes no id: the added tokens carry the ids the vocabulary already gives them, and they
+split the text into exactly the characters the model would. It makes the file readable by
+tokenizer implementations that treat any BPE model as *byte-level* BPE (onnxruntime-genai's
+tokenizer maps a space to GPT-2's ``Ġ`` and finds no such token): added tokens are matched
+on the raw text before any model runs, in every implementation. Older files are converted
+with :meth:`Tokenizer.for_clients` (the ONNX exporter does it).
+
 An empty prompt starts from :attr:`Tokenizer.start_id` (``<|endoftext|>`` for BPE, the
 newline character for ``char``), which is never printed. Generation stops at
 :attr:`Tokenizer.eos_id` (``<|endoftext|>`` for BPE; ``char`` models have none).
@@ -18,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mlxgpt.errors import UserError
 
@@ -44,7 +52,7 @@ class Tokenizer:
             raise TokenizerError("cannot build a character vocabulary from empty text")
         hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
         hf.decoder = decoders.Fuse()
-        return cls(hf)
+        return cls(hf).for_clients()
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -77,6 +85,26 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
+
+    def for_clients(self) -> Tokenizer:
+        """This tokenizer in the form every client reads alike (same ids for any text).
+
+        For ``char``: every character of the vocabulary becomes a non-special added token
+        with its existing id (see the module docstring); a file that has them already, and
+        any ``bpe`` tokenizer, is returned unchanged.
+        """
+        if self.kind != "char":
+            return self
+        added = self.hf.get_added_tokens_decoder()
+        missing = [c for c, i in sorted(self.vocab.items(), key=lambda x: x[1]) if i not in added]
+        if not missing:
+            return self
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_tokens([AddedToken(c, normalized=False, special=False) for c in missing])
+        converted = Tokenizer(hf)
+        if converted.vocab != self.vocab:  # add_tokens reuses vocabulary ids; check it did
+            raise TokenizerError("internal error: converting the character vocabulary changed ids")
+        return converted
 
     # -- use ----------------------------------------------------------------------------
     @property

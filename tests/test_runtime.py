@@ -16,11 +16,11 @@ from test_export_support import mlx_model
 
 from mlxgpt.generate import generate_text, generate_tokens
 from mlxgpt.sampling import SamplingParams
-from mlxgpt.tokenizer import TokenizerError, prompt_ids
+from mlxgpt.tokenizer import Tokenizer, TokenizerError, prompt_ids
 from mlxgpt_export.cli import main as ort_main
 from mlxgpt_export.errors import ExportFolderError, InputError
 from mlxgpt_export.exporter import export_checkpoint
-from mlxgpt_export.runtime import FOLDER_FILES, OnnxGPT
+from mlxgpt_export.runtime import FOLDER_FILES, MODEL_FILE, OnnxGPT
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_PROMPT = CORPUS[:60]  # longer than the trained model's 32-token window
@@ -175,14 +175,67 @@ def test_missing_or_corrupt_export_folder(exported: Path, tmp_path: Path):
     with pytest.raises(ExportFolderError, match="does not exist.*mlxgpt export"):
         OnnxGPT.load(tmp_path / "nope")
     folder = shutil.copytree(exported, tmp_path / "copy")
-    (folder / "model.onnx").write_bytes(b"not a model")
+    (folder / MODEL_FILE).write_bytes(b"not a model")
     with pytest.raises(ExportFolderError, match="model.onnx cannot be loaded"):
         OnnxGPT.load(folder)
-    config = json.loads((exported / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 5}))
-    shutil.copy(exported / "model.onnx", folder / "model.onnx")
-    with pytest.raises(ExportFolderError, match="do not match config.json"):
+
+
+def _edit_config(exported: Path, folder: Path, edit) -> Path:
+    shutil.copytree(exported, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_config_edited_after_export_is_refused(exported: Path, tmp_path: Path):
+    """The ONNX metadata records the config; an edited config.json names what differs."""
+
+    def n_head_4_everywhere(config: dict) -> None:
+        config["n_head"] = config["mlxgpt"]["n_head"] = 4
+
+    folder = _edit_config(exported, tmp_path / "a", n_head_4_everywhere)
+    with pytest.raises(ExportFolderError, match="n_head is 4 in config.json but 2 in model.onnx"):
         OnnxGPT.load(folder)
+    # the Hugging Face keys (what the other clients read) must agree with mlxgpt's
+    folder = _edit_config(exported, tmp_path / "b", lambda c: c.update(n_head=4))
+    with pytest.raises(ExportFolderError, match="n_head: found 4, expected 2.*mlxgpt export"):
+        OnnxGPT.load(folder)
+    folder = _edit_config(exported, tmp_path / "c", lambda c: c.pop("mlxgpt"))
+    with pytest.raises(ExportFolderError, match="no 'mlxgpt' key.*not written by `mlxgpt export`"):
+        OnnxGPT.load(folder)
+
+
+def test_folder_exported_before_the_client_layout_still_loads(
+    exported: Path, ort: OnnxGPT, tmp_path: Path, capsys
+):
+    """Old layout: model.onnx at the top, config.json = the GPTConfig, original tokenizer."""
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(exported / MODEL_FILE, legacy / "model.onnx")
+    config = json.loads((exported / "config.json").read_text())["mlxgpt"]
+    (legacy / "config.json").write_text(json.dumps(config))
+    Tokenizer(_without_added_tokens(ort.tokenizer)).save(legacy / "tokenizer.json")
+    shutil.copy(exported / "generation_config.json", legacy)
+    old = OnnxGPT.load(legacy)
+    assert old.model_path == legacy / "model.onnx"
+    params = SamplingParams(0.8, seed=4)
+    assert "".join(old.generate("All:", 40, params)) == "".join(ort.generate("All:", 40, params))
+    assert ort_main(["info", str(legacy)]) == 0
+    assert "model.onnx" in capsys.readouterr().out
+    # a config with n_head edited in an old folder is caught by the metadata as well
+    (legacy / "config.json").write_text(json.dumps({**config, "n_embd": 64, "n_head": 4}))
+    with pytest.raises(ExportFolderError, match="does not match the model it was exported"):
+        OnnxGPT.load(legacy)
+
+
+def _without_added_tokens(tokenizer: Tokenizer):
+    """The char tokenizer as mlxgpt wrote it before every character was an added token."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads(tokenizer.hf.to_str())
+    data["added_tokens"] = []
+    return HFTokenizer.from_str(json.dumps(data))
 
 
 # -- the mlxgpt-ort command -----------------------------------------------------------------

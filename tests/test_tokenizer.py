@@ -76,3 +76,41 @@ def test_stream_decoder_never_emits_half_a_character(bpe):
     pieces = [decoder.push(i) for i in bpe.encode(text)] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+# -- the char tokenizer in the form every client reads (Tokenizer.for_clients) ---------------
+CHAR_ALPHABET = "ab \n\r\t.,'!-é€😀ñ\u0301字"
+
+
+def _char_tokenizer_as_written_before() -> Tokenizer:
+    """A char tokenizer file as mlxgpt wrote it before characters were added tokens."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    chars = sorted(set(CHAR_ALPHABET))
+    hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+    hf.decoder = decoders.Fuse()
+    return Tokenizer(hf)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(alphabet=CHAR_ALPHABET))
+def test_char_tokenizer_for_clients_gives_the_same_ids_for_any_text(text):
+    """Training data and checkpoints depend on the ids: the conversion must not change one."""
+    old = _char_tokenizer_as_written_before()
+    new = old.for_clients()
+    assert new.encode(text) == old.encode(text)
+    assert len(new.encode(text)) == len(text)
+    assert new.decode(new.encode(text)) == text == old.decode(old.encode(text))
+
+
+def test_char_tokenizer_for_clients_lists_every_character_as_an_added_token(tmp_path):
+    old = _char_tokenizer_as_written_before()
+    new = old.for_clients()
+    added = new.hf.get_added_tokens_decoder()
+    assert {i: t.content for i, t in added.items()} == {i: c for c, i in old.vocab.items()}
+    assert not any(t.special for t in added.values())  # decode never skips a character
+    assert new.vocab == old.vocab and new.kind == "char" and new.start_id == old.start_id
+    new.save(tmp_path / "tokenizer.json")
+    assert Tokenizer.load(tmp_path / "tokenizer.json").for_clients().hf.to_str() == new.hf.to_str()
+    assert Tokenizer.train_char([CHAR_ALPHABET]).hf.to_str() == new.hf.to_str()  # new files too
