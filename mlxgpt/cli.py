@@ -15,7 +15,7 @@ from typing import Any
 from mlxgpt import __version__
 from mlxgpt.config import ConfigError
 from mlxgpt.errors import UserError
-from mlxgpt.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from mlxgpt.sampling import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams
 from mlxgpt.tokenizer import Tokenizer, prompt_ids
 
 
@@ -36,6 +36,19 @@ def int_at_least(minimum: int) -> Callable[[str], int]:
 
 positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
+
+
+def seed_number(text: str) -> int:
+    """An argparse type: a seed, 0..MAX_SEED (the range of every seed in mlxgpt)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1), got {text!r}"
+        )
+    return value
 
 
 def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
@@ -83,7 +96,7 @@ def add_sampling_args(p: argparse.ArgumentParser, defaults_from: str) -> None:
     )
     p.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_number,
         default=None,
         help="random seed; the same seed gives the same text",
     )
@@ -239,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         help="bfloat16 parameters/activations (GPUs); loss stays float32",
     )
-    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--seed", type=seed_number, help=f"random seed, 0..{MAX_SEED}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "overrides",
