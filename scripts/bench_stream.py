@@ -81,8 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=50, help="tokens timed per size and decoder")
     p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (median is shown)")
     p.add_argument("--data", default="data/tinyshakespeare.txt")
+    p.add_argument("--chars", type=int, default=200_000, help="corpus characters to use")
     args = p.parse_args(argv)
-    text = read_corpus(args.data)[:200_000].replace("\n\n", "\n\n" + EXTRA)
+    text = "".join(read_corpus(args.data))[: args.chars].replace("\n\n", "\n\n" + EXTRA)
     tokenizers = {
         "char": Tokenizer.train_char([text]),
         "bpe": Tokenizer.train_bpe([text], vocab_size=1024),
