@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -156,6 +157,69 @@ def test_forward_refuses_sequences_longer_than_the_window(ort: OnnxGPT):
     _, past = ort.forward([[1] * block])
     with pytest.raises(InputError, match="context window"):
         ort.forward([[1]], past=past)
+
+
+def test_ragged_batches_are_refused(ort: OnnxGPT):
+    with pytest.raises(InputError, match=r"input_ids rows have different lengths \(\[2, 1\]\)"):
+        ort.forward([[1, 2], [3]])
+    with pytest.raises(InputError, match="attention_mask rows have different lengths"):
+        ort.forward([[1, 2], [3, 4]], attention_mask=[[1, 1], [1]])
+
+
+def test_a_past_that_does_not_fit_the_model_is_refused(ort: OnnxGPT):
+    _, past = ort.forward([[1, 2, 3]])
+    heads = [(k[:, :1], v[:, :1]) for k, v in past]
+    with pytest.raises(InputError, match=r"past\[0\] key has shape .* \(1, 2, past, 16\)"):
+        ort.forward([[4]], past=heads)
+    doubles = [(k.astype(np.float64), v.astype(np.float64)) for k, v in past]
+    with pytest.raises(InputError, match=r"past\[0\] key is float64, not float32"):
+        ort.forward([[4]], past=doubles)
+    with pytest.raises(InputError, match=r"past\[0\] key has shape"):
+        ort.forward([[4], [5]], past=past)  # a past of batch 1 for a batch of 2
+    with pytest.raises(InputError, match="past must hold 2 .* got 1 layers"):
+        ort.forward([[4]], past=past[:1])
+    uneven = [past[0], (past[1][0][:, :, :2], past[1][1][:, :, :2])]
+    with pytest.raises(InputError, match=r"different lengths \[2, 3\]"):
+        ort.forward([[4]], past=uneven)
+    logits, _ = ort.forward([[4]], past=past)  # the past forward() returned still works
+    assert logits.shape == (1, 1, ort.config.vocab_size)
+
+
+def test_position_ids_and_attention_mask_values_are_checked(ort: OnnxGPT):
+    with pytest.raises(InputError, match=r"position_ids must be >= 0 .* got -1"):
+        ort.forward([[1, 2]], position_ids=[[-1, 0]])
+    with pytest.raises(InputError, match="position_ids must hold whole numbers"):
+        ort.forward([[1, 2]], position_ids=[[0.0, 1.5]])
+    for bad, shown in (([[1, 2]], "[2]"), ([[1, -1]], "[-1]")):
+        with pytest.raises(
+            InputError, match=rf"only 1 \(a token\) and 0 \(padding\), got {re.escape(shown)}"
+        ):
+            ort.forward([[1, 2]], attention_mask=bad)
+    with pytest.raises(InputError, match="attention_mask must hold whole numbers"):
+        ort.forward([[1, 2]], attention_mask=[[1.0, 0.5]])
+    with pytest.raises(InputError, match="input_ids must hold whole numbers"):
+        ort.forward([[1.0, 2.0]])
+    as_bool, _ = ort.forward([[1, 2]], attention_mask=np.array([[False, True]]))
+    as_int, _ = ort.forward([[1, 2]], attention_mask=[[0, 1]])
+    np.testing.assert_array_equal(as_bool, as_int)
+
+
+def test_generation_arguments_are_checked_at_the_call(ort: OnnxGPT):
+    with pytest.raises(InputError, match="at least one prompt token"):
+        ort.generate_ids([])
+    with pytest.raises(InputError, match="whole numbers"):
+        ort.generate_ids([1.0, 2.5])
+    for bad in (2.5, -1, "3"):
+        with pytest.raises(InputError, match="max_tokens must be a whole number >= 0"):
+            ort.generate_ids([1], bad)
+        with pytest.raises(InputError, match="max_tokens must be a whole number >= 0"):
+            ort.generate_batch_ids([[1]], bad)
+        with pytest.raises(InputError, match="max_tokens"):
+            ort.generate("All:", bad)
+    with pytest.raises(InputError, match="at least one prompt"):
+        ort.generate_batch([])
+    with pytest.raises(InputError, match="at least one prompt token"):
+        ort.generate_batch_ids([[1], []])
 
 
 def test_prompt_with_unknown_characters(ort: OnnxGPT):
