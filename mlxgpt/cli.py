@@ -132,13 +132,47 @@ def note_long_prompts(tokenizer: Tokenizer, prompts: Sequence[str], block_size: 
             )
 
 
+# Packages of the full install that a minimal runtime install (`pip install --no-deps .
+# numpy onnxruntime tokenizers`) lacks, and how to get each.
+INSTALL_HINTS = {
+    "mlx": "pip install 'mlx[cpu]' on Linux, pip install mlx on an Apple-silicon Mac "
+    "(an exported model runs without MLX: mlxgpt-ort generate FOLDER)",
+    "onnx": "pip install onnx",
+    "safetensors": "pip install safetensors",
+    "tqdm": "pip install tqdm",
+    "matplotlib": "pip install matplotlib",
+}
+
+
+def missing_package_message(command: str, err: ModuleNotFoundError) -> str | None:
+    """What to say when ``command`` needs a package that is not installed (None: a bug)."""
+    package = (err.name or "").split(".")[0]
+    if package not in INSTALL_HINTS:
+        return None
+    return (
+        f"`{command}` needs the Python package {package}, which is not installed here: "
+        f"{INSTALL_HINTS[package]}. Installing mlxgpt with its dependencies (without "
+        "--no-deps) brings every package."
+    )
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` is one clean line."""
+    """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` is one clean line.
+
+    So is a missing optional package (see :data:`INSTALL_HINTS`): the line says which
+    package to install. Any other exception is a bug and keeps its traceback.
+    """
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        message = missing_package_message(f"{parser.prog} {args.command}", err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blocked_imports import blocking_env
 from conftest import CORPUS
 from test_export_support import mlx_model
 
@@ -294,22 +295,8 @@ def test_cli_info_and_python_dash_m(exported: Path):
 
 
 # -- without MLX ----------------------------------------------------------------------------
-NO_MLX = """
-import sys
-
-class BlockMLX:
-    '''Make `import mlx` (and mlx.*) fail, as on a machine where MLX is not installed.'''
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "mlx" or name.startswith("mlx."):
-            raise ImportError(f"No module named {name!r} (MLX is blocked in this test)")
-        return None
-
-sys.meta_path.insert(0, BlockMLX())
-"""
-
 WITHOUT_MLX_SCRIPT = """
-import io, json, contextlib
+import io, json, contextlib, sys
 try:
     import mlx.core
     mlx_importable = True
@@ -340,10 +327,11 @@ def test_export_and_runtime_work_without_mlx(trained_ckpt: Path, mlx, tmp_path: 
     """In a process where `import mlx` fails: export, load, generate (API and CLI)."""
     model, tokenizer = mlx
     prompt = prompt_ids(tokenizer, "First Citizen:")
-    code = textwrap.dedent(NO_MLX) + textwrap.dedent(WITHOUT_MLX_SCRIPT)
+    code = textwrap.dedent(WITHOUT_MLX_SCRIPT)  # the runtime alone: test_minimal_install.py
     result = subprocess.run(
         [sys.executable, "-c", code, str(trained_ckpt), str(tmp_path / "out"), json.dumps(prompt)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=blocking_env(tmp_path / "site", ("mlx",)),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
