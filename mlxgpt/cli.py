@@ -65,6 +65,22 @@ def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str],
     return parse
 
 
+def number_list(text: str) -> list[float]:
+    """An argparse type: comma-separated finite numbers, e.g. ``0.5,0.3,0.8``."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers such as 0.5,0.3,0.8; {item.strip()!r} is not"
+            )
+        values.append(value)
+    return values
+
+
 def add_sampling_args(p: argparse.ArgumentParser, defaults_from: str) -> None:
     """Sampling options, shared by ``mlxgpt generate`` and ``mlxgpt-ort generate``.
 
@@ -249,8 +265,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from mlxgpt import viz
 
     if args.what == "mask":
-        viz.mask_command(size=args.size, out=args.out)
+        viz.mask_command(size=args.size, out=args.out, row=args.row, scores=args.scores)
     else:
+        for flag in ("size", "row", "scores"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} belongs to `mlxgpt viz mask`, not `viz attention`")
         if not args.checkpoint:
             raise ConfigError(
                 "`mlxgpt viz attention` needs a checkpoint: "
@@ -331,12 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
         "viz",
         help="pictures of the causal mask and attention",
         description="`viz mask --size N`: the causal mask as a PNG plus a "
-        "worked softmax example. `viz attention CKPT --prompt ...`: the "
+        "worked softmax example (`--scores 0.5,0.3,0.8,0.2,0.1 --row 2`: with your own "
+        "raw scores). `viz attention CKPT --prompt ...`: the "
         "attention weights of every layer and head.",
     )
     p.add_argument("what", choices=["mask", "attention"])
     p.add_argument("checkpoint", nargs="?", help="checkpoint (for `attention`)")
-    p.add_argument("--size", type=positive_int, default=8, help="mask size N (default 8)")
+    p.add_argument("--size", type=positive_int, help="mask size N (default 8)")
+    p.add_argument(
+        "--scores",
+        type=number_list,
+        metavar="S0,S1,...",
+        help="raw attention scores of one query for keys 0, 1, ... (sets the size), e.g. "
+        "a lesson's own numbers: the worked example masks and softmaxes them",
+    )
+    p.add_argument(
+        "--row", type=non_negative_int, help="query row of the worked example (default: middle)"
+    )
     p.add_argument("--prompt", default="To be, or not to be", help="prompt (for `attention`)")
     p.add_argument("--out", help="output PNG path")
     p.set_defaults(func=cmd_viz)
