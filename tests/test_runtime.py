@@ -285,6 +285,16 @@ def test_cli_errors(exported: Path, tmp_path: Path, capsys):
         assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def test_cli_tiny_temperature_is_greedy_and_seed_range(exported: Path, ort: OnnxGPT, capsys):
+    args = ["generate", str(exported), "--prompt", "All:", "--max-tokens", "20"]
+    assert ort_main([*args, "--temperature", "1e-320", "--seed", "4294967295"]) == 0
+    assert capsys.readouterr().out == "All:" + "".join(ort.generate("All:", 20)) + "\n"
+    with pytest.raises(SystemExit) as info:
+        ort_main([*args, "--seed", "100000000000000"])
+    assert info.value.code == 2
+    assert "--seed: must be a whole number from 0 to 4294967295" in capsys.readouterr().err
+
+
 def test_cli_info_and_python_dash_m(exported: Path):
     result = subprocess.run(
         [sys.executable, "-m", "mlxgpt_export", "info", str(exported)],
