@@ -131,8 +131,9 @@ class StreamDecoder:
     because ``prefix`` always sits where the text before it ends on a complete character:
     both kinds of decoder here (``Fuse`` for characters, ``ByteLevel`` for BPE) then just
     concatenate, and the context ids keep a decoder that treats a sequence's first token
-    specially from changing the boundary. A push therefore costs a few ids, not all of them
-    (the old way, re-decoding every id each time, cost 15 ms per token at 100k ids).
+    specially from changing the boundary. A push therefore decodes a few ids, not all of
+    them (re-decoding every id on each push cost ~10 ms per token at 100k ids:
+    ``scripts/bench_stream.py``).
 
     A window whose text ends in U+FFFD (a byte-level token that stops inside a multi-byte
     UTF-8 character) or adds nothing (a skipped special token such as ``<|endoftext|>``) is
