@@ -126,7 +126,8 @@ def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, i
     or range.
     """
     try:
-        max_tokens = int(values.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
+        max_tokens = values.get("max_new_tokens") or DEFAULT_MAX_TOKENS
+        check_max_tokens(max_tokens)
         if not values.get("do_sample", False):
             return SamplingParams(temperature=0.0), max_tokens
         top_k = values.get("top_k", 50)

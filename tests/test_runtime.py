@@ -134,9 +134,10 @@ def test_generation_config_keys_missing_take_hugging_face_defaults(exported: Pat
     (folder / "generation_config.json").write_text('{"do_sample": true}')
     # transformers' defaults for a sampling config: temperature 1, top_k 50, top_p 1
     assert OnnxGPT.load(folder).default_settings() == (SamplingParams(1.0, 50, 1.0), 200)
-    (folder / "generation_config.json").write_text('{"do_sample": true, "top_k": "many"}')
-    with pytest.raises(ExportFolderError, match="generation_config.json"):
-        OnnxGPT.load(folder).default_settings()
+    for bad in ('{"do_sample": true, "top_k": "many"}', '{"max_new_tokens": 2.5}'):
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(ExportFolderError, match="generation_config.json"):
+            OnnxGPT.load(folder).default_settings()
 
 
 # -- errors ---------------------------------------------------------------------------------
