@@ -21,7 +21,16 @@ import mlxgpt
 
 REPO = Path(__file__).resolve().parents[1]
 SKIP = shutil.ignore_patterns(
-    ".git", ".venv", "build", "dist", "out", "*.egg-info", "__pycache__", ".*_cache", ".hypothesis"
+    ".git",
+    ".venv",
+    "build",
+    "dist",
+    "out",
+    "exported",
+    "*.egg-info",
+    "__pycache__",
+    ".*_cache",
+    ".hypothesis",
 )
 
 
