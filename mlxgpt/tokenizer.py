@@ -149,24 +149,49 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8."""
+    """Turns ids, pushed one at a time, into text pieces that add up to ``decode(all ids)``.
+
+    Invariant: the pieces returned so far are exactly the text of ``ids[:read]`` (every id
+    pushed before ``read``), and the decoder keeps only a short window ``ids[prefix:]``,
+    where ``ids[prefix:read]`` are the ids of the last piece returned. Each :meth:`push`
+    decodes that window alone and returns what its text adds beyond the text of
+    ``ids[prefix:read]``. This is the same text as decoding everything from the start
+    because ``prefix`` always sits where the text before it ends on a complete character:
+    both kinds of decoder here (``Fuse`` for characters, ``ByteLevel`` for BPE) then just
+    concatenate, and the context ids keep a decoder that treats a sequence's first token
+    specially from changing the boundary. A push therefore decodes a few ids, not all of
+    them (re-decoding every id on each push cost ~10 ms per token at 100k ids:
+    ``scripts/bench_stream.py``).
+
+    A window whose text ends in U+FFFD (a byte-level token that stops inside a multi-byte
+    UTF-8 character) or adds nothing (a skipped special token such as ``<|endoftext|>``) is
+    held back until a later id completes it; :meth:`flush` returns whatever is still held.
+    A character spans at most four bytes, so the window stays a few ids long for any text;
+    only a run of ids that never forms a valid character (invalid bytes) grows it.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
+        self._window: list[int] = []  # ids[prefix:]
+        self._read = 0  # ids[prefix:prefix + _read] are the last returned piece's ids
+        self._context = ""  # their text, decoded on their own
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        """Add one id; return the text it completes ("" while a character is incomplete)."""
+        self._window.append(token)
+        text = self.tokenizer.decode(self._window)
+        if len(text) <= len(self._context) or text.endswith("\ufffd"):
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
+        piece = text[len(self._context) :]
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        self._context = self.tokenizer.decode(self._window)
         return piece
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted :], len(text)
+        """The text still held back (e.g. an incomplete character at the very end)."""
+        piece = self.tokenizer.decode(self._window)[len(self._context) :]
+        self._window, self._read, self._context = [], 0, ""
         return piece
 
 
