@@ -29,7 +29,7 @@ from mlxgpt.cli import (
     sampling_params,
 )
 from mlxgpt_export.errors import ExportError
-from mlxgpt_export.runtime import MODEL_FILE, OnnxGPT
+from mlxgpt_export.runtime import OnnxGPT
 
 
 def _read_prompts(path: str) -> list[str]:
@@ -67,9 +67,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     model = OnnxGPT.load(args.folder)
     meta = model.session.get_modelmeta().custom_metadata_map
-    size = (Path(args.folder) / MODEL_FILE).stat().st_size / 1e6
+    path = model.model_path
     print(
-        f"{args.folder}: {MODEL_FILE} {size:.3g} MB, exported by mlxgpt "
+        f"{args.folder}: {path.relative_to(args.folder)} {path.stat().st_size / 1e6:.3g} MB, "
+        "exported by mlxgpt "
         f"{meta.get('mlxgpt_version', '?')}, {meta.get('attention', '?')} attention"
     )
     print(f"model config: {meta.get('model_config', '?')}")

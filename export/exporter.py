@@ -1,12 +1,30 @@
-"""``mlxgpt export CKPT_DIR OUT_DIR``: write a checkpoint as a self-contained ONNX folder.
+"""``mlxgpt export CKPT_DIR OUT_DIR``: write a checkpoint as a folder every ONNX client loads.
 
-The folder (written atomically: a failed export leaves nothing behind)::
+The folder (written atomically: a failed export leaves nothing behind) is a Hugging Face
+model folder, so each client loads it with its own standard call, nothing written by hand::
 
-    model.onnx              the graph of mlxgpt_export.graph, weights inside; metadata_props:
-                            mlxgpt_version, model_config, attention, parity
-    config.json             the GPTConfig (same format as the checkpoint's)
-    tokenizer.json          the checkpoint's Hugging Face tokenizer file
-    generation_config.json  default sampling settings, start token and context length
+    onnx/model.onnx          the graph of mlxgpt_export.graph, weights inside (stored once);
+                             metadata_props: mlxgpt_version, model_config, attention, parity
+    config.json              Hugging Face GPT-2 config (model_type "gpt2") with mlxgpt's
+                             GPTConfig under "mlxgpt" (mlxgpt.hf_config)
+    generation_config.json   default sampling settings (mlxgpt.sampling), bos/eos/pad ids
+    tokenizer.json           the checkpoint's tokenizer, in the form every client reads
+                             alike (Tokenizer.for_clients; same ids)
+    tokenizer_config.json    tokenizer class, special tokens, left padding (transformers,
+    special_tokens_map.json  transformers.js, onnxruntime-genai)
+    genai_config.json        onnxruntime-genai's description of the decoder
+
+``onnx/`` is where transformers.js looks; Optimum finds the model there by itself and
+genai's config names it. mlxgpt-ort reads onnx/model.onnx, config.json, tokenizer.json and
+generation_config.json (:mod:`mlxgpt_export.runtime`).
+
+**Special tokens** mean what they mean in mlxgpt (:mod:`mlxgpt.tokenizer`): the start token
+(an empty prompt's first token) is ``bos``; the end-of-text token stops generation and
+is ``eos`` (``<|endoftext|>`` for BPE, also its ``pad``). A char model has no end token, so
+``eos`` and ``pad`` stay null and its tokenizer declares no special token at all: declaring
+the newline would make ``decode(skip_special_tokens=True)`` delete every newline in
+transformers. The one exception is forced by onnxruntime-genai, which requires an
+``eos_token_id`` inside the vocabulary: see :func:`genai_stop_id`.
 
 Only numpy, safetensors, onnx and onnxruntime are used: no MLX. Before anything is written
 the graph is checked (``onnx.checker`` with ``full_check``) and, unless ``verify=False``,
@@ -18,7 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,30 +54,166 @@ from mlxgpt.checkpoint import (
     write_json,
 )
 from mlxgpt.config import GPTConfig
+from mlxgpt.hf_config import gpt2_config
 from mlxgpt.tokenizer import Tokenizer
+from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
 from mlxgpt_export.graph import ATTENTION_FORMS, OPSETS, build_model
 from mlxgpt_export.parity import DIFF_KEYS, measure_parity
 from mlxgpt_export.runtime import (
     CONFIG_FILE,
     GENERATION_FILE,
+    MLXGPT_KEY,
     MODEL_FILE,
     TOKENIZER_FILE,
     OnnxGPT,
     make_session,
 )
 
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_FILE = "special_tokens_map.json"
+GENAI_FILE = "genai_config.json"
+MODEL_DIR = MODEL_FILE.split("/")[0]  # "onnx"
+# Every file and folder an export writes at the top of OUT_DIR, and nothing else.
+EXPORT_ENTRIES = (
+    MODEL_DIR,
+    CONFIG_FILE,
+    GENERATION_FILE,
+    TOKENIZER_FILE,
+    TOKENIZER_CONFIG_FILE,
+    SPECIAL_TOKENS_FILE,
+    GENAI_FILE,
+)
+
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
+
+
+def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
+    """``bos``/``eos``/``pad`` ids for Hugging Face files: start token, end token, end token."""
+    return {
+        "bos_token_id": tokenizer.start_id,  # what an empty prompt starts from
+        "eos_token_id": tokenizer.eos_id,  # None for char models: nothing ends a text
+        "pad_token_id": tokenizer.eos_id,  # padding is masked; GPT-2's convention
+    }
+
+
+def genai_stop_id(tokenizer: Tokenizer) -> int:
+    """The ``eos_token_id`` (and ``pad_token_id``) of ``genai_config.json``.
+
+    The end-of-text token where there is one. onnxruntime-genai (0.18) refuses a config
+    without an end token inside the vocabulary, and a char model has none: it gets the
+    highest id (the character with the highest code point, usually a rare one), so genai
+    stops a char model only if it draws that character — never at a newline, which is the
+    start token. Every other client writes a char model's full length.
+    """
+    return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.vocab_size - 1
+
+
+def model_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``config.json``: GPT-2's keys for the clients, mlxgpt's GPTConfig for mlxgpt-ort."""
+    return {
+        **gpt2_config(config),
+        **special_token_ids(tokenizer),
+        MLXGPT_KEY: dataclasses.asdict(config),
+        "mlxgpt_version": mlxgpt.__version__,
+    }
 
 
 def generation_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """``generation_config.json``: the library's sampling defaults, in Hugging Face keys."""
     return {
-        "bos_token_id": tokenizer.start_id,  # what an empty prompt starts from
+        **special_token_ids(tokenizer),
         "context_length": config.block_size,
         **sampling.to_generation_config(sampling.SamplingParams(), sampling.DEFAULT_MAX_TOKENS),
         "prompt_longer_than_context": "keep the last context_length tokens",
         "mlxgpt_version": mlxgpt.__version__,
+    }
+
+
+def _special_tokens(tokenizer: Tokenizer) -> dict[str, str | None]:
+    """Special-token strings: ``<|endoftext|>`` for BPE; none for char (see module docstring)."""
+    eot = None if tokenizer.eos_id is None else tokenizer.hf.id_to_token(tokenizer.eos_id)
+    return {"bos_token": eot, "eos_token": eot, "pad_token": eot, "unk_token": None}
+
+
+def tokenizer_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``tokenizer_config.json`` for transformers, transformers.js and onnxruntime-genai.
+
+    Left padding (a batch of prompts continues each at its end), no token added to the
+    text (mlxgpt encodes a prompt as it is), only ``input_ids`` and ``attention_mask``.
+    """
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **_special_tokens(tokenizer),
+        "add_bos_token": False,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": config.block_size,
+        "padding_side": "left",
+        "truncation_side": "left",
+        "model_input_names": [sig.INPUT_IDS, sig.ATTENTION_MASK],
+    }
+
+
+def special_tokens_map(tokenizer: Tokenizer) -> dict[str, str]:
+    return {k: v for k, v in _special_tokens(tokenizer).items() if v is not None}
+
+
+def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+    """``genai_config.json``: onnxruntime-genai's description of the same graph.
+
+    ``past_present_share_buffer`` is false: the graph returns ``present`` as a new tensor
+    (past + new keys), it does not write into a preallocated buffer. genai cannot go past
+    ``context_length`` (its ``max_length`` counts prompt + new tokens), so it generates at
+    most ``block_size`` tokens in all. Sampling keys: the same defaults as
+    ``generation_config.json`` (genai reads ``top_k`` 0 as off, like transformers).
+    """
+    stop = genai_stop_id(tokenizer)
+    past_key, past_value = sig.past_names(0)
+    present_key, present_value = sig.present_names(0)
+    defaults = sampling.to_generation_config(sampling.SamplingParams(), sampling.DEFAULT_MAX_TOKENS)
+    return {
+        "model": {
+            "type": "decoder",
+            "context_length": config.block_size,
+            "vocab_size": config.vocab_size,
+            "bos_token_id": tokenizer.start_id,
+            "eos_token_id": stop,
+            "pad_token_id": stop,
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "mlxgpt", "provider_options": []},
+                "head_size": config.head_size,
+                "hidden_size": config.n_embd,
+                "num_attention_heads": config.n_head,
+                "num_key_value_heads": config.n_head,
+                "num_hidden_layers": config.n_layer,
+                "inputs": {
+                    "input_ids": sig.INPUT_IDS,
+                    "attention_mask": sig.ATTENTION_MASK,
+                    "position_ids": sig.POSITION_IDS,
+                    "past_key_names": past_key.replace(".0.", ".%d."),
+                    "past_value_names": past_value.replace(".0.", ".%d."),
+                },
+                "outputs": {
+                    "logits": sig.LOGITS,
+                    "present_key_names": present_key.replace(".0.", ".%d."),
+                    "present_value_names": present_value.replace(".0.", ".%d."),
+                },
+            },
+        },
+        "search": {
+            **{
+                k: v
+                for k, v in defaults.items()
+                if k in ("do_sample", "temperature", "top_k", "top_p")
+            },
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "min_length": 0,
+            "max_length": config.block_size,
+            "past_present_share_buffer": False,
+        },
     }
 
 
@@ -85,7 +239,15 @@ def _load_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, np.ndarray], Toke
             f"the model has {size / 2**30:.1f} GiB of weights; a single-file ONNX model holds "
             "less than 2 GiB and ONNX external data is not supported by this exporter yet"
         )
-    return config, weights, tokenizer
+    return config, weights, tokenizer.for_clients()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def build_checked_model(
@@ -138,17 +300,23 @@ def export_checkpoint(
     model, parity = build_checked_model(config, weights, attention, verify)
 
     def write(tmp: Path) -> None:
+        (tmp / MODEL_DIR).mkdir()
         onnx.save_model(model, str(tmp / MODEL_FILE))
-        write_json(tmp / CONFIG_FILE, dataclasses.asdict(config))
-        shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        _fsync(tmp / MODEL_FILE)  # write_atomic_dir syncs the top-level files only
+        _fsync(tmp / MODEL_DIR)
+        write_json(tmp / CONFIG_FILE, model_config(config, tokenizer))
         write_json(tmp / GENERATION_FILE, generation_config(config, tokenizer))
+        tokenizer.save(tmp / TOKENIZER_FILE)
+        write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config(config, tokenizer))
+        write_json(tmp / SPECIAL_TOKENS_FILE, special_tokens_map(tokenizer))
+        write_json(tmp / GENAI_FILE, genai_config(config, tokenizer))
 
     write_atomic_dir(out, write)
     if not quiet:
         size = (out / MODEL_FILE).stat().st_size / 1e6
         print(
             f"exported {ckpt} -> {out}: {MODEL_FILE} ({size:.3g} MB, {attention} attention, "
-            f"opset {OPSETS[attention]}), {CONFIG_FILE}, {TOKENIZER_FILE}, {GENERATION_FILE}"
+            f"opset {OPSETS[attention]}), {', '.join(EXPORT_ENTRIES[1:])}"
         )
         if parity["measured"]:
             shown = ", ".join(f"{k} {parity[k]:.2g}" for k in DIFF_KEYS if k in parity)

@@ -24,6 +24,8 @@ a sequence longer than the window is an :class:`~mlxgpt_export.errors.InputError
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,18 +34,34 @@ import numpy as np
 import onnxruntime as ort
 
 from mlxgpt import sampling
-from mlxgpt.checkpoint import CheckpointError, read_config, read_json, read_tokenizer
-from mlxgpt.config import GPTConfig
-from mlxgpt.sampling import SamplingParams, StepFn, crop_prompt, generate_ids, sample_next
+from mlxgpt.checkpoint import CheckpointError, read_json, read_tokenizer
+from mlxgpt.config import ConfigError, GPTConfig, gpt_config_from_dict
+from mlxgpt.hf_config import shape_mismatches
+from mlxgpt.sampling import (
+    SamplingParams,
+    StepFn,
+    check_max_tokens,
+    crop_prompt,
+    generate_ids,
+    is_whole,
+    sample_next,
+)
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportFolderError, InputError
 
-MODEL_FILE = "model.onnx"
-CONFIG_FILE = "config.json"
+# The files of an export folder that this runtime reads (the exporter writes more, for
+# other clients: mlxgpt_export.exporter.EXPORT_ENTRIES).
+MODEL_FILE = "onnx/model.onnx"  # where transformers.js looks; Optimum and genai find it there too
+CONFIG_FILE = "config.json"  # Hugging Face GPT-2 config; mlxgpt's GPTConfig under MLXGPT_KEY
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation_config.json"
 FOLDER_FILES = (MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE)
+MLXGPT_KEY = "mlxgpt"
+# Folders exported before the layout above: model.onnx beside a config.json that is the
+# GPTConfig itself. They still load.
+LEGACY_MODEL_FILE = "model.onnx"
+REEXPORT = "export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`"
 
 # Keys and values of every layer: [(key, value), ...], each (batch, n_head, time, head_size).
 Past = list[tuple[np.ndarray, np.ndarray]]
@@ -60,6 +78,117 @@ def check_token_ids(ids: np.ndarray | Sequence[int], vocab_size: int) -> None:
         )
 
 
+# -- input checks: forward() and generation refuse what the graph would misread -------------
+def _whole_array(values: Any, name: str, allow_bool: bool = False) -> np.ndarray:
+    """``values`` as a numpy array of whole numbers, or an :class:`InputError` that says why."""
+    try:
+        array = np.asarray(values)
+    except ValueError:  # numpy refuses ragged nested lists
+        lengths = [len(row) for row in values] if isinstance(values, Sequence) else "?"
+        raise InputError(
+            f"{name} rows have different lengths ({lengths}): every row of a batch needs "
+            "the same length (left-pad the shorter ones and mark the padding 0 in "
+            "attention_mask, as generate_batch does)"
+        ) from None
+    if array.dtype == object:
+        raise InputError(f"{name} rows have different lengths or hold non-numbers")
+    if not (np.issubdtype(array.dtype, np.integer) or (allow_bool and array.dtype == bool)):
+        raise InputError(f"{name} must hold whole numbers (integers), got {array.dtype} values")
+    return array
+
+
+def check_input_ids(input_ids: Any, vocab_size: int) -> np.ndarray:
+    """``input_ids`` as int64 ``(batch, tokens)``: rectangular, integer, in the vocabulary."""
+    ids = _whole_array(input_ids, "input_ids")
+    if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
+        raise InputError(f"input_ids must have shape (batch, tokens), got {ids.shape}")
+    check_token_ids(ids, vocab_size)
+    return ids.astype(np.int64)
+
+
+def check_attention_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
+    """``attention_mask`` as int64 of ``shape`` (batch, past + new), holding only 0 and 1."""
+    array = _whole_array(mask, "attention_mask", allow_bool=True)
+    if array.shape != shape:
+        raise InputError(
+            f"attention_mask must have shape (batch, past + new) = {shape}, got {array.shape}"
+        )
+    odd = np.unique(array[(array != 0) & (array != 1)])
+    if odd.size:
+        raise InputError(
+            f"attention_mask must hold only 1 (a token) and 0 (padding), got {odd[:5].tolist()}"
+        )
+    return array.astype(np.int64)
+
+
+def check_position_ids(position_ids: Any, shape: tuple[int, int], block_size: int) -> np.ndarray:
+    """``position_ids`` as int64 of ``shape`` (batch, new), each in ``0..block_size-1``."""
+    array = _whole_array(position_ids, "position_ids")
+    if array.shape != shape:
+        raise InputError(f"position_ids must have shape {shape}, got {array.shape}")
+    if array.min() < 0:
+        raise InputError(
+            f"position_ids must be >= 0 (a row's first real token is position 0), got "
+            f"{int(array.min())}"
+        )
+    if array.max() >= block_size:
+        raise InputError(
+            f"a sequence of {int(array.max()) + 1} tokens exceeds the context window "
+            f"(block_size={block_size}); generation keeps the last {block_size} tokens, "
+            "forward() does not crop"
+        )
+    return array.astype(np.int64)
+
+
+def check_past(past: Any, config: GPTConfig, batch: int) -> int:
+    """The length of ``past`` (keys and values of every layer), or an :class:`InputError`.
+
+    Each key and value must be float32 ``(batch, n_head, past_length, head_size)`` with one
+    ``past_length`` for all: what the previous :meth:`OnnxGPT.forward` call returned.
+    """
+    if not isinstance(past, Sequence) or len(past) != config.n_layer:
+        got = f"{len(past)} layers" if isinstance(past, Sequence) else type(past).__name__
+        raise InputError(f"past must hold {config.n_layer} (key, value) pairs, got {got}")
+    lengths = set()
+    for i, pair in enumerate(past):
+        if not isinstance(pair, Sequence) or len(pair) != 2:
+            raise InputError(f"past[{i}] must be a (key, value) pair of arrays")
+        for name, array in zip(("key", "value"), pair, strict=True):
+            shape, dtype = np.shape(array), getattr(array, "dtype", None)
+            if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (
+                batch,
+                config.n_head,
+                config.head_size,
+            ):
+                raise InputError(
+                    f"past[{i}] {name} has shape {shape}; this model needs (batch, n_head, "
+                    f"past, head_size) = ({batch}, {config.n_head}, past, {config.head_size})"
+                )
+            if dtype != np.float32:
+                raise InputError(
+                    f"past[{i}] {name} is {dtype}, not float32: pass the past that forward() "
+                    "returned, unchanged"
+                )
+            lengths.add(shape[2])
+    if len(lengths) > 1:
+        raise InputError(f"past keys and values have different lengths {sorted(lengths)}")
+    return lengths.pop()
+
+
+def check_prompt_ids(ids: Any, vocab_size: int) -> list[int]:
+    """A prompt's ids as a list: at least one, whole numbers in the vocabulary."""
+    ids = list(ids)
+    if not ids:
+        raise InputError(
+            "generation needs at least one prompt token (an empty text prompt starts from "
+            'the tokenizer\'s start token: use generate("") or prompt_ids(tokenizer, ""))'
+        )
+    if not all(is_whole(i) for i in ids):
+        raise InputError(f"prompt token ids must be whole numbers, got {ids[:5]}")
+    check_token_ids(ids, vocab_size)
+    return ids
+
+
 def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
     """A CPU onnxruntime session for a model file (or its serialized bytes)."""
     options = ort.SessionOptions()
@@ -68,6 +197,87 @@ def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.I
     options.log_severity_level = 3  # errors only: no warnings about unused initializers
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+
+
+def find_model_file(folder: Path) -> Path:
+    """The folder's ONNX file (``onnx/model.onnx``, or ``model.onnx`` in a legacy folder).
+
+    Raises :class:`ExportFolderError` naming what is missing when the folder is incomplete.
+    """
+    if not folder.is_dir():
+        raise ExportFolderError(
+            f"export folder {folder} does not exist: create it with "
+            "`mlxgpt export CKPT_DIR OUT_DIR`"
+        )
+    model_path = folder / MODEL_FILE
+    if not model_path.is_file() and (folder / LEGACY_MODEL_FILE).is_file():
+        model_path = folder / LEGACY_MODEL_FILE
+    missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
+    if model_path.is_file() and MODEL_FILE in missing:
+        missing.remove(MODEL_FILE)
+    if missing:
+        raise ExportFolderError(
+            f"export folder {folder} is incomplete: missing {', '.join(missing)} ({REEXPORT})"
+        )
+    return model_path
+
+
+def read_folder_config(folder: Path) -> GPTConfig:
+    """The GPTConfig of an export folder's ``config.json``.
+
+    Today's folders hold a Hugging Face GPT-2 config with the GPTConfig under ``"mlxgpt"``;
+    the GPT-2 keys must still describe the same shape (clients read those). Legacy folders
+    hold the GPTConfig itself.
+    """
+    path = folder / CONFIG_FILE
+    values = read_json(path)
+    if MLXGPT_KEY not in values and "model_type" in values:
+        raise ExportFolderError(
+            f"{path} has no {MLXGPT_KEY!r} key: this folder was not written by `mlxgpt export` "
+            f"({REEXPORT})"
+        )
+    try:
+        config = gpt_config_from_dict(values.get(MLXGPT_KEY, values))
+    except ConfigError as err:
+        raise ExportFolderError(f"{path} is invalid: {err} ({REEXPORT})") from None
+    if MLXGPT_KEY in values:
+        mismatches = shape_mismatches(values, config)
+        if mismatches:
+            raise ExportFolderError(
+                f"{path}: the Hugging Face keys disagree with its {MLXGPT_KEY!r} config "
+                f"({'; '.join(mismatches)}): was it edited? {REEXPORT}"
+            )
+    return config
+
+
+def check_recorded_config(
+    session: ort.InferenceSession, config: GPTConfig, config_path: Path, model_path: Path
+) -> None:
+    """Raise :class:`ExportFolderError` if ``config`` is not the one the model was exported with.
+
+    The exporter records the GPTConfig in the model's ``model_config`` metadata; a
+    ``config.json`` edited afterwards (say ``n_head``) would make the runtime split heads
+    differently from the graph, so it is refused with the differing keys named.
+    """
+    recorded = session.get_modelmeta().custom_metadata_map.get("model_config")
+    if recorded is None:
+        return  # not recorded: the input-name check in OnnxGPT still guards the shape
+    try:
+        expected = json.loads(recorded)
+    except json.JSONDecodeError:
+        raise ExportFolderError(f"{model_path}: its model_config metadata is corrupt") from None
+    actual = dataclasses.asdict(config)
+    differing = [
+        f"{key} is {actual.get(key)!r} in {config_path.name} but {expected.get(key)!r} in "
+        f"{model_path.name}"
+        for key in sorted(set(expected) | set(actual))
+        if actual.get(key) != expected.get(key)
+    ]
+    if differing:
+        raise ExportFolderError(
+            f"{config_path} does not match the model it was exported with: "
+            f"{'; '.join(differing)}. Undo the edit, or {REEXPORT}"
+        )
 
 
 class OnnxGPT:
@@ -91,34 +301,33 @@ class OnnxGPT:
         self.config = config
         self.tokenizer = tokenizer
         self.generation = generation or {}
+        self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
-        """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`)."""
+        """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`).
+
+        Reads ``onnx/model.onnx`` (or a legacy folder's ``model.onnx``), ``config.json``,
+        ``tokenizer.json`` and ``generation_config.json``, and checks that the config is the
+        one recorded in the model's metadata when it was exported.
+        """
         folder = Path(folder)
-        if not folder.is_dir():
-            raise ExportFolderError(
-                f"export folder {folder} does not exist: create it with "
-                "`mlxgpt export CKPT_DIR OUT_DIR`"
-            )
-        missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
-        if missing:
-            raise ExportFolderError(
-                f"export folder {folder} is incomplete: missing {', '.join(missing)} "
-                "(export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`)"
-            )
-        try:  # the folder holds a checkpoint's config and tokenizer files: same readers
-            config = read_config(folder)
+        model_path = find_model_file(folder)
+        try:  # the folder holds a checkpoint's tokenizer file: same reader
+            config = read_folder_config(folder)
             tokenizer = read_tokenizer(folder, config)
             generation = read_json(folder / GENERATION_FILE)
         except CheckpointError as err:
             raise ExportFolderError(str(err)) from None
         try:
-            session = make_session(folder / MODEL_FILE, threads)
+            session = make_session(model_path, threads)
         except Exception as err:  # onnxruntime raises its own exception types
-            raise ExportFolderError(f"{folder / MODEL_FILE} cannot be loaded: {err}") from None
-        return cls(session, config, tokenizer, generation)
+            raise ExportFolderError(f"{model_path} cannot be loaded: {err}") from None
+        check_recorded_config(session, config, folder / CONFIG_FILE, model_path)
+        model = cls(session, config, tokenizer, generation)
+        model.model_path = model_path
+        return model
 
     # -- the forward pass -------------------------------------------------------------------
     def empty_past(self, batch: int) -> Past:
@@ -140,43 +349,18 @@ class OnnxGPT:
         default to :func:`~mlxgpt_export.signature.position_ids_from_mask` of it. Returns the logits
         and the new past (``present.*``) to pass to the next call.
         """
-        ids = np.asarray(input_ids)
-        if ids.ndim != 2 or ids.shape[0] < 1 or ids.shape[1] < 1:
-            raise InputError(f"input_ids must have shape (batch, tokens), got {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise InputError(f"input_ids must be integers, got {ids.dtype}")
-        check_token_ids(ids, self.config.vocab_size)
+        ids = check_input_ids(input_ids, self.config.vocab_size)
         batch, new = ids.shape
         past = self.empty_past(batch) if past is None else past
-        past_len = past[0][0].shape[2] if past else 0
-        if len(past) != self.config.n_layer or past[0][0].shape[0] != batch:
-            raise InputError(
-                f"past must hold {self.config.n_layer} layers of batch {batch}, got "
-                f"{len(past)} layers of batch {past[0][0].shape[0] if past else 0}"
-            )
+        past_len = check_past(past, self.config, batch)
         if attention_mask is None:
             attention_mask = np.ones((batch, past_len + new), dtype=np.int64)
-        attention_mask = np.asarray(attention_mask, dtype=np.int64)
-        if attention_mask.shape != (batch, past_len + new):
-            raise InputError(
-                f"attention_mask must have shape (batch, past + new) = "
-                f"{(batch, past_len + new)}, got {attention_mask.shape}"
-            )
+        attention_mask = check_attention_mask(attention_mask, (batch, past_len + new))
         if position_ids is None:
             position_ids = sig.position_ids_from_mask(attention_mask)[:, -new:]
-        position_ids = np.asarray(position_ids, dtype=np.int64)
-        if position_ids.shape != (batch, new):
-            raise InputError(
-                f"position_ids must have shape {(batch, new)}, got {position_ids.shape}"
-            )
-        if position_ids.min() < 0 or position_ids.max() >= self.config.block_size:
-            raise InputError(
-                f"a sequence of {int(position_ids.max()) + 1} tokens exceeds the context window "
-                f"(block_size={self.config.block_size}); generation keeps the last "
-                f"{self.config.block_size} tokens, forward() does not crop"
-            )
+        position_ids = check_position_ids(position_ids, (batch, new), self.config.block_size)
         feeds: dict[str, np.ndarray] = {
-            sig.INPUT_IDS: ids.astype(np.int64),
+            sig.INPUT_IDS: ids,
             sig.ATTENTION_MASK: attention_mask,
             sig.POSITION_IDS: position_ids,
         }
@@ -220,7 +404,10 @@ class OnnxGPT:
         return self.default_settings()[0]
 
     def _max_tokens(self, max_tokens: int | None) -> int:
-        return self.default_settings()[1] if max_tokens is None else max_tokens
+        if max_tokens is None:
+            return self.default_settings()[1]
+        check_max_tokens(max_tokens, InputError)
+        return max_tokens
 
     def generate_ids(
         self,
@@ -230,7 +417,7 @@ class OnnxGPT:
         use_cache: bool = True,
     ) -> Iterator[int]:
         """Yield new token ids for the prompt ``ids`` (see the module docstring)."""
-        check_token_ids(list(ids), self.config.vocab_size)
+        ids = check_prompt_ids(ids, self.config.vocab_size)
         step = self.cached_step() if use_cache else self.recompute_step()
         return generate_ids(
             step,
@@ -288,18 +475,22 @@ class OnnxGPT:
         generating ``prompts[r]`` alone with the same seed gives (the same seed therefore
         gives identical rows for identical prompts). The context window is handled per row
         as in :func:`mlxgpt.sampling.generate_ids`: once any row no longer fits, every step
-        recomputes all rows from their last ``block_size`` tokens.
+        recomputes all rows from their last ``block_size`` tokens. Bad arguments raise
+        :class:`~mlxgpt_export.errors.InputError` at the call, before anything runs.
         """
         params = params or self.default_params()
         max_tokens = self._max_tokens(max_tokens)
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+        if not prompts:
+            raise InputError("batched generation needs at least one prompt")
+        vocab, block = self.config.vocab_size, self.config.block_size
+        contexts = [crop_prompt(check_prompt_ids(p, vocab), block) for p in prompts]
+        return self._batch_steps(contexts, max_tokens, params)
+
+    def _batch_steps(
+        self, contexts: list[list[int]], max_tokens: int, params: SamplingParams
+    ) -> Iterator[list[int | None]]:
+        """The loop of :meth:`generate_batch_ids`, for arguments it has checked."""
         block = self.config.block_size
-        contexts = [crop_prompt(p, block) for p in prompts]
-        if not contexts or not all(contexts):
-            raise InputError("batched generation needs at least one prompt, each with >= 1 token")
-        for context in contexts:
-            check_token_ids(context, self.config.vocab_size)
         rngs = [params.rng() for _ in contexts]
         if max_tokens == 0:
             return

@@ -15,7 +15,7 @@ from typing import Any
 from mlxgpt import __version__
 from mlxgpt.config import ConfigError
 from mlxgpt.errors import UserError
-from mlxgpt.sampling import DEFAULT_MAX_TOKENS, SamplingParams
+from mlxgpt.sampling import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams
 from mlxgpt.tokenizer import Tokenizer, prompt_ids
 
 
@@ -38,6 +38,19 @@ positive_int = int_at_least(1)
 non_negative_int = int_at_least(0)
 
 
+def seed_number(text: str) -> int:
+    """An argparse type: a seed, 0..MAX_SEED (the range of every seed in mlxgpt)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value is None or not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(
+            f"must be a whole number from 0 to {MAX_SEED} (2**32 - 1), got {text!r}"
+        )
+    return value
+
+
 def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
@@ -50,6 +63,22 @@ def float_in(low: float, high: float, low_open: bool = False) -> Callable[[str],
         return value
 
     return parse
+
+
+def number_list(text: str) -> list[float]:
+    """An argparse type: comma-separated finite numbers, e.g. ``0.5,0.3,0.8``."""
+    values = []
+    for item in text.split(","):
+        try:
+            value = float(item)
+        except ValueError:
+            value = float("nan")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(
+                f"expected comma-separated numbers such as 0.5,0.3,0.8; {item.strip()!r} is not"
+            )
+        values.append(value)
+    return values
 
 
 def add_sampling_args(p: argparse.ArgumentParser, defaults_from: str) -> None:
@@ -83,7 +112,7 @@ def add_sampling_args(p: argparse.ArgumentParser, defaults_from: str) -> None:
     )
     p.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_number,
         default=None,
         help="random seed; the same seed gives the same text",
     )
@@ -119,13 +148,47 @@ def note_long_prompts(tokenizer: Tokenizer, prompts: Sequence[str], block_size: 
             )
 
 
+# Packages of the full install that a minimal runtime install (`pip install --no-deps .
+# numpy onnxruntime tokenizers`) lacks, and how to get each.
+INSTALL_HINTS = {
+    "mlx": "pip install 'mlx[cpu]' on Linux, pip install mlx on an Apple-silicon Mac "
+    "(an exported model runs without MLX: mlxgpt-ort generate FOLDER)",
+    "onnx": "pip install onnx",
+    "safetensors": "pip install safetensors",
+    "tqdm": "pip install tqdm",
+    "matplotlib": "pip install matplotlib",
+}
+
+
+def missing_package_message(command: str, err: ModuleNotFoundError) -> str | None:
+    """What to say when ``command`` needs a package that is not installed (None: a bug)."""
+    package = (err.name or "").split(".")[0]
+    if package not in INSTALL_HINTS:
+        return None
+    return (
+        f"`{command}` needs the Python package {package}, which is not installed here: "
+        f"{INSTALL_HINTS[package]}. Installing mlxgpt with its dependencies (without "
+        "--no-deps) brings every package."
+    )
+
+
 def run_command(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> int:
-    """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` is one clean line."""
+    """Parse ``argv`` and run the chosen subcommand; a :class:`UserError` is one clean line.
+
+    So is a missing optional package (see :data:`INSTALL_HINTS`): the line says which
+    package to install. Any other exception is a bug and keeps its traceback.
+    """
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as err:
+        message = missing_package_message(f"{parser.prog} {args.command}", err)
+        if message is None:
+            raise
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
@@ -219,8 +282,11 @@ def cmd_viz(args: argparse.Namespace) -> int:
     from mlxgpt import viz
 
     if args.what == "mask":
-        viz.mask_command(size=args.size, out=args.out)
+        viz.mask_command(size=args.size, out=args.out, row=args.row, scores=args.scores)
     else:
+        for flag in ("size", "row", "scores"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag} belongs to `mlxgpt viz mask`, not `viz attention`")
         if not args.checkpoint:
             raise ConfigError(
                 "`mlxgpt viz attention` needs a checkpoint: "
@@ -256,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16"],
         help="bfloat16 parameters/activations (GPUs); loss stays float32",
     )
-    p.add_argument("--seed", type=non_negative_int)
+    p.add_argument("--seed", type=seed_number, help=f"random seed, 0..{MAX_SEED}")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "overrides",
@@ -280,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         help="export a checkpoint to ONNX",
-        description="Write model.onnx, config.json, tokenizer.json and "
-        "generation_config.json to OUT_DIR (no MLX needed).",
+        description="Write OUT_DIR: onnx/model.onnx plus the config, tokenizer and "
+        "generation files that mlxgpt-ort, Optimum, onnxruntime-genai and transformers.js "
+        "read (no MLX needed).",
     )
     p.add_argument("checkpoint")
     p.add_argument("out_dir")
@@ -323,12 +390,23 @@ def build_parser() -> argparse.ArgumentParser:
         "viz",
         help="pictures of the causal mask and attention",
         description="`viz mask --size N`: the causal mask as a PNG plus a "
-        "worked softmax example. `viz attention CKPT --prompt ...`: the "
+        "worked softmax example (`--scores 0.5,0.3,0.8,0.2,0.1 --row 2`: with your own "
+        "raw scores). `viz attention CKPT --prompt ...`: the "
         "attention weights of every layer and head.",
     )
     p.add_argument("what", choices=["mask", "attention"])
     p.add_argument("checkpoint", nargs="?", help="checkpoint (for `attention`)")
-    p.add_argument("--size", type=positive_int, default=8, help="mask size N (default 8)")
+    p.add_argument("--size", type=positive_int, help="mask size N (default 8)")
+    p.add_argument(
+        "--scores",
+        type=number_list,
+        metavar="S0,S1,...",
+        help="raw attention scores of one query for keys 0, 1, ... (sets the size), e.g. "
+        "a lesson's own numbers: the worked example masks and softmaxes them",
+    )
+    p.add_argument(
+        "--row", type=non_negative_int, help="query row of the worked example (default: middle)"
+    )
     p.add_argument("--prompt", default="To be, or not to be", help="prompt (for `attention`)")
     p.add_argument("--out", help="output PNG path")
     p.set_defaults(func=cmd_viz)

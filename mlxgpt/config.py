@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from mlxgpt.errors import UserError
+from mlxgpt.sampling import check_seed
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -123,6 +124,17 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if self.stop_at > self.max_iters:
+            raise ConfigError(
+                f"stop_at ({self.stop_at}) is after max_iters ({self.max_iters}), where training "
+                "ends anyway: use a stop_at <= max_iters (0 = off), or raise max_iters"
+            )
+        for name in ("data", "out_dir"):
+            if not getattr(self, name).strip():
+                raise ConfigError(
+                    f"{name} is empty: give a path, e.g. {name}={getattr(TrainConfig, name)}"
+                )
+        check_seed(self.seed, "seed", ConfigError)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -202,33 +214,58 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise ConfigError(f"config file {path} not found (built-in presets: {names})")
     try:
         text = path.read_text(encoding="utf-8")
-        if path.suffix == ".json":
-            return json.loads(text)
-        return tomllib.loads(text)
+        values = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError, tomllib.TOMLDecodeError) as err:
         raise ConfigError(f"config file {path} is not valid TOML/JSON: {err}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"config file {path} must hold settings by name (a JSON object such as "
+            f'{{"max_iters": 500}}), not a {type(values).__name__}'
+        )
+    return values
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
-    """``["max_iters=100", "model.n_layer=2"]`` -> nested dict (strings, coerced later)."""
+    """``["max_iters=100", "model.n_layer=2"]`` -> nested dict (strings, coerced later).
+
+    A key given both a value and sub-keys (``model=3 model.n_layer=2``) is an error.
+    """
     result: dict[str, Any] = {}
     for item in items:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key=value (e.g. max_iters=100)")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
-        target = result
-        for part in parts[:-1]:
-            target = target.setdefault(part, {})
-        target[parts[-1]] = value.strip()
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key name (e.g. model.n_layer=2)")
+        result = merge(result, _nest(parts, value.strip()))
     return result
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def _nest(parts: list[str], value: Any) -> Any:
+    for part in reversed(parts):
+        value = {part: value}
+    return value
+
+
+def merge(base: dict[str, Any], extra: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``extra``'s settings over ``base``'s, table by table.
+
+    A key that is a value on one side and a table on the other (``model=3`` and
+    ``model.n_layer=2``) is a :class:`ConfigError`, not a crash or a silent choice.
+    """
     out = dict(base)
     for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict):
+            out[key] = merge(old, value, f"{prefix}{key}.")
+        elif key in out and isinstance(value, dict) != isinstance(old, dict):
+            table, plain = (old, value) if isinstance(old, dict) else (value, old)
+            sub = ", ".join(f"{prefix}{key}.{k}" for k in table)
+            raise ConfigError(
+                f"{prefix}{key} is given a value ({prefix}{key}={plain}) and settings inside "
+                f"it ({sub}): set one or the other"
+            )
         else:
             out[key] = value
     return out

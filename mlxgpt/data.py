@@ -27,12 +27,17 @@ class DataError(UserError, ValueError):
 
 def resolve_data_path(path: str | Path) -> Path:
     """``path`` as given, or, for a relative path that does not exist here, the same path
-    inside the mlxgpt project folder (so ``data/tinyshakespeare.txt`` works from anywhere)."""
+    inside the mlxgpt project folder (a checkout) or, for ``data/NAME``, the corpus
+    installed with the package as ``mlxgpt/corpus/NAME`` (pyproject.toml ships the
+    repository's ``data/`` there), so ``data/tinyshakespeare.txt`` works from anywhere."""
     path = Path(path)
     if path.exists() or path.is_absolute():
         return path
-    bundled = Path(__file__).resolve().parent.parent / path
-    return bundled if bundled.exists() else path
+    package = Path(__file__).resolve().parent
+    candidates = [package.parent / path]
+    if path.parts[:1] == ("data",):
+        candidates.append(package.joinpath("corpus", *path.parts[1:]))
+    return next((c for c in candidates if c.exists()), path)
 
 
 def read_corpus(path: str | Path) -> list[str]:

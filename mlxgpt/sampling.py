@@ -7,9 +7,11 @@ tokens. This module never imports MLX.
 
 Sampling semantics, applied in this order to the logits of the next token:
 
-1. ``temperature == 0``: greedy — the arg-max token (the lowest id among exact ties).
-   Nothing random is drawn.
-2. Divide the logits by ``temperature`` (> 0).
+1. ``temperature`` 0, or any temperature below :data:`MIN_TEMPERATURE` (1e-5): greedy —
+   the arg-max token (the lowest id among exact ties); nothing random is drawn. Dividing
+   by a tinier temperature overflows (1e-320 turns every logit into inf, then NaN), and
+   at 1e-5 the softmax is already one-hot unless two logits lie within 0.01 of each other.
+2. Divide the logits by ``temperature`` (>= 1e-5).
 3. ``top_k`` (``None`` or 0 = off): keep exactly the ``k`` largest logits; ties at the
    boundary are broken in favour of the lower token id.
 4. Softmax over what is left (in float64).
@@ -20,7 +22,9 @@ Sampling semantics, applied in this order to the logits of the next token:
 6. Renormalise and draw one token by inverse CDF from a single ``rng.random()`` value.
 
 The random stream is ``numpy.random.default_rng(seed)``: one uniform number per sampled
-token, so the same seed gives the same text on every backend.
+token, so the same seed gives the same text on every backend. A seed is a whole number
+from 0 to :data:`MAX_SEED` (2**32 - 1) wherever one enters mlxgpt (sampling, training,
+both command lines): training derives MLX's per-step seeds from it, which must fit 64 bits.
 
 Defaults live here and nowhere else: :class:`SamplingParams`'s field defaults (greedy,
 no top-k, no top-p: what Hugging Face ``generate()`` does for a folder that says nothing)
@@ -39,30 +43,62 @@ from typing import Any
 
 import numpy as np
 
+from mlxgpt.errors import UserError
+
 DEFAULT_MAX_TOKENS = 200  # new tokens per generation when the caller does not say
+MIN_TEMPERATURE = 1e-5  # temperatures below this (and 0) mean greedy: rule 1 above
+MAX_SEED = 2**32 - 1  # seeds are 0..MAX_SEED everywhere (see the module docstring)
+
+
+class SamplingError(UserError, ValueError):
+    """A sampling setting out of range; the message says which values are allowed."""
+
+
+def is_whole(value: Any) -> bool:
+    """True for Python and numpy integers (not bools, not floats such as 2.0 or 2.5)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_seed(seed: Any, name: str = "seed", error: type[UserError] = SamplingError) -> None:
+    """Raise ``error`` unless ``seed`` is a whole number from 0 to :data:`MAX_SEED`."""
+    if not is_whole(seed) or not 0 <= seed <= MAX_SEED:
+        raise error(f"{name} must be a whole number from 0 to {MAX_SEED} (2**32 - 1), got {seed!r}")
 
 
 @dataclass(frozen=True)
 class SamplingParams:
     """How the next token is chosen; the field defaults are the library's defaults."""
 
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (or below MIN_TEMPERATURE) = greedy
     top_k: int | None = None
     top_p: float = 1.0
     seed: int | None = None
 
     def __post_init__(self) -> None:
-        if not np.isfinite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k is not None and self.top_k < 0:
-            raise ValueError(f"top_k must be >= 1 (or 0/None to disable), got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.seed is not None and self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+        if not _is_real(self.temperature) or not 0 <= self.temperature < np.inf:
+            raise SamplingError(
+                f"temperature must be a number >= 0 (0 = greedy), got {self.temperature!r}"
+            )
+        if self.top_k is not None and (not is_whole(self.top_k) or self.top_k < 0):
+            raise SamplingError(
+                f"top_k must be a whole number >= 1 (0 or None: off), got {self.top_k!r}"
+            )
+        if not _is_real(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise SamplingError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
+
+    @property
+    def greedy(self) -> bool:
+        """Arg-max decoding: temperature 0 or below :data:`MIN_TEMPERATURE` (rule 1)."""
+        return self.temperature < MIN_TEMPERATURE
 
     def rng(self) -> np.random.Generator:
         return np.random.default_rng(self.seed)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def to_generation_config(params: SamplingParams, max_tokens: int) -> dict[str, Any]:
@@ -72,8 +108,8 @@ def to_generation_config(params: SamplingParams, max_tokens: int) -> dict[str, A
     keys it would ignore). Sampling settings always carry ``top_k`` (0 = off), because
     transformers applies ``top_k=50`` when the key is missing.
     """
-    values: dict[str, Any] = {"do_sample": params.temperature > 0, "max_new_tokens": max_tokens}
-    if params.temperature > 0:
+    values: dict[str, Any] = {"do_sample": not params.greedy, "max_new_tokens": max_tokens}
+    if not params.greedy:
         values.update(temperature=params.temperature, top_k=params.top_k or 0, top_p=params.top_p)
     return values
 
@@ -84,10 +120,12 @@ def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, i
     Read with Hugging Face's meaning and its defaults for missing keys: greedy unless
     ``do_sample`` is true; then ``temperature`` (default 1.0), ``top_k`` (default 50,
     0 = off) and ``top_p`` (default 1.0). ``max_new_tokens`` defaults to
-    :data:`DEFAULT_MAX_TOKENS`. Raises ``ValueError`` for values of the wrong type or range.
+    :data:`DEFAULT_MAX_TOKENS`. Raises :class:`SamplingError` for values of the wrong type
+    or range.
     """
     try:
-        max_tokens = int(values.get("max_new_tokens") or DEFAULT_MAX_TOKENS)
+        max_tokens = values.get("max_new_tokens") or DEFAULT_MAX_TOKENS
+        check_max_tokens(max_tokens)
         if not values.get("do_sample", False):
             return SamplingParams(temperature=0.0), max_tokens
         top_k = values.get("top_k", 50)
@@ -97,7 +135,7 @@ def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, i
             top_p=float(values.get("top_p", 1.0)),
         )
     except (TypeError, ValueError) as err:
-        raise ValueError(f"invalid sampling settings {dict(values)}: {err}") from None
+        raise SamplingError(f"invalid sampling settings {dict(values)}: {err}") from None
     return params, max_tokens
 
 
@@ -106,7 +144,7 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
     if not np.all(np.isfinite(z)):
         raise ValueError("logits contain NaN or inf: the model produced invalid output")
-    if params.temperature == 0:
+    if params.greedy:
         probs = np.zeros_like(z)
         probs[int(np.argmax(z))] = 1.0
         return probs
@@ -134,7 +172,7 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick the next token id from one row of logits (see the module docstring)."""
     probs = filtered_probs(logits, params)
-    if params.temperature == 0:
+    if params.greedy:
         return int(np.argmax(probs))
     cdf = np.cumsum(probs)
     u = rng.random() * cdf[-1]
@@ -162,6 +200,12 @@ def recompute_step(last_logits: Callable[[list[int]], np.ndarray]) -> StepFn:
     return step
 
 
+def check_max_tokens(max_tokens: Any, error: type[UserError] = SamplingError) -> None:
+    """Raise ``error`` unless ``max_tokens`` is a whole number >= 0."""
+    if not is_whole(max_tokens) or max_tokens < 0:
+        raise error(f"max_tokens must be a whole number >= 0, got {max_tokens!r}")
+
+
 def crop_prompt(prompt_ids: Sequence[int], block_size: int) -> list[int]:
     """Prompts longer than the context window keep their last ``block_size`` tokens."""
     return list(prompt_ids)[-block_size:]
@@ -184,14 +228,27 @@ def generate_ids(
     cache to reuse because every token's position changes). The prompt must be
     non-empty (callers substitute the tokenizer's start token for an empty prompt).
     Drawing ``stop_id`` (the tokenizer's end-of-text token, if it has one) ends the text:
-    it is not yielded.
+    it is not yielded. Bad arguments raise :class:`SamplingError` at the call, before
+    anything is generated.
     """
-    if max_tokens < 0:
-        raise ValueError(f"max_tokens must be >= 0, got {max_tokens}")
+    check_max_tokens(max_tokens)
     context = crop_prompt(prompt_ids, block_size)
     if not context:
-        raise ValueError("generation needs at least one prompt token")
+        raise SamplingError("generation needs at least one prompt token")
     rng = rng if rng is not None else params.rng()
+    return _generate(step, context, max_tokens, block_size, params, rng, stop_id)
+
+
+def _generate(
+    step: StepFn,
+    context: list[int],
+    max_tokens: int,
+    block_size: int,
+    params: SamplingParams,
+    rng: np.random.Generator,
+    stop_id: int | None,
+) -> Iterator[int]:
+    """The loop of :func:`generate_ids`, for arguments it has checked."""
     if max_tokens == 0:
         return
     logits = step(context, 0)

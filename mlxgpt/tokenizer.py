@@ -8,6 +8,14 @@ training, MLX generation and the onnxruntime runtime (this module never imports 
 * ``bpe``: byte-level BPE trained on the corpus. Every UTF-8 string round-trips exactly,
   because any byte has a token. ``<|endoftext|>`` separates documents.
 
+A ``char`` tokenizer also lists every character as a (non-special) added token. That
+changes no id: the added tokens carry the ids the vocabulary already gives them, and they
+split the text into exactly the characters the model would. It makes the file readable by
+tokenizer implementations that treat any BPE model as *byte-level* BPE (onnxruntime-genai's
+tokenizer maps a space to GPT-2's ``Ġ`` and finds no such token): added tokens are matched
+on the raw text before any model runs, in every implementation. Older files are converted
+with :meth:`Tokenizer.for_clients` (the ONNX exporter does it).
+
 An empty prompt starts from :attr:`Tokenizer.start_id` (``<|endoftext|>`` for BPE, the
 newline character for ``char``), which is never printed. Generation stops at
 :attr:`Tokenizer.eos_id` (``<|endoftext|>`` for BPE; ``char`` models have none).
@@ -18,8 +26,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mlxgpt.errors import UserError
 
@@ -44,7 +52,7 @@ class Tokenizer:
             raise TokenizerError("cannot build a character vocabulary from empty text")
         hf = HFTokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
         hf.decoder = decoders.Fuse()
-        return cls(hf)
+        return cls(hf).for_clients()
 
     @classmethod
     def train_bpe(cls, texts: Iterable[str], vocab_size: int) -> Tokenizer:
@@ -77,6 +85,26 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> None:
         self.hf.save(str(path))
+
+    def for_clients(self) -> Tokenizer:
+        """This tokenizer in the form every client reads alike (same ids for any text).
+
+        For ``char``: every character of the vocabulary becomes a non-special added token
+        with its existing id (see the module docstring); a file that has them already, and
+        any ``bpe`` tokenizer, is returned unchanged.
+        """
+        if self.kind != "char":
+            return self
+        added = self.hf.get_added_tokens_decoder()
+        missing = [c for c, i in sorted(self.vocab.items(), key=lambda x: x[1]) if i not in added]
+        if not missing:
+            return self
+        hf = HFTokenizer.from_str(self.hf.to_str())
+        hf.add_tokens([AddedToken(c, normalized=False, special=False) for c in missing])
+        converted = Tokenizer(hf)
+        if converted.vocab != self.vocab:  # add_tokens reuses vocabulary ids; check it did
+            raise TokenizerError("internal error: converting the character vocabulary changed ids")
+        return converted
 
     # -- use ----------------------------------------------------------------------------
     @property
@@ -121,24 +149,49 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8."""
+    """Turns ids, pushed one at a time, into text pieces that add up to ``decode(all ids)``.
+
+    Invariant: the pieces returned so far are exactly the text of ``ids[:read]`` (every id
+    pushed before ``read``), and the decoder keeps only a short window ``ids[prefix:]``,
+    where ``ids[prefix:read]`` are the ids of the last piece returned. Each :meth:`push`
+    decodes that window alone and returns what its text adds beyond the text of
+    ``ids[prefix:read]``. This is the same text as decoding everything from the start
+    because ``prefix`` always sits where the text before it ends on a complete character:
+    both kinds of decoder here (``Fuse`` for characters, ``ByteLevel`` for BPE) then just
+    concatenate, and the context ids keep a decoder that treats a sequence's first token
+    specially from changing the boundary. A push therefore decodes a few ids, not all of
+    them (re-decoding every id on each push cost ~10 ms per token at 100k ids:
+    ``scripts/bench_stream.py``).
+
+    A window whose text ends in U+FFFD (a byte-level token that stops inside a multi-byte
+    UTF-8 character) or adds nothing (a skipped special token such as ``<|endoftext|>``) is
+    held back until a later id completes it; :meth:`flush` returns whatever is still held.
+    A character spans at most four bytes, so the window stays a few ids long for any text;
+    only a run of ids that never forms a valid character (invalid bytes) grows it.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.emitted = 0
+        self._window: list[int] = []  # ids[prefix:]
+        self._read = 0  # ids[prefix:prefix + _read] are the last returned piece's ids
+        self._context = ""  # their text, decoded on their own
 
     def push(self, token: int) -> str:
-        self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        """Add one id; return the text it completes ("" while a character is incomplete)."""
+        self._window.append(token)
+        text = self.tokenizer.decode(self._window)
+        if len(text) <= len(self._context) or text.endswith("\ufffd"):
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
+        piece = text[len(self._context) :]
+        self._window = self._window[self._read :]
+        self._read = len(self._window)
+        self._context = self.tokenizer.decode(self._window)
         return piece
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted :], len(text)
+        """The text still held back (e.g. an incomplete character at the very end)."""
+        piece = self.tokenizer.decode(self._window)[len(self._context) :]
+        self._window, self._read, self._context = [], 0, ""
         return piece
 
 

@@ -3,18 +3,22 @@
 Two views of one rule, "position i may only look at positions j <= i":
 
 * :func:`mask_command` draws the N x N mask and walks through one query row with real
-  numbers: raw attention scores, the scores after :func:`mlxgpt.model.causal_mask` is
-  added, and the softmax probabilities the model's own :func:`attention_weights` computes.
+  numbers: raw attention scores (seeded random vectors, or scores the reader gives, e.g.
+  a lesson's own), the scores after :func:`mlxgpt.model.causal_mask` is added, and the
+  softmax probabilities the model's own :func:`attention_weights` computes.
 * :func:`attention_command` draws what a trained model actually attends to, every layer
   and head, via :meth:`GPT.attention_maps`; every row is zero above the diagonal.
 
 The ``draw_*`` functions return matplotlib figures without saving them, and the
-``*_command`` functions return the arrays they drew, so tests can check both.
+``*_command`` functions return the arrays they drew, so tests can check both. Figures are
+plain :class:`matplotlib.figure.Figure` objects on an Agg canvas: this library never
+imports pyplot nor changes matplotlib's global backend (a caller's GUI keeps working).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,6 +33,7 @@ from mlxgpt.tokenizer import Tokenizer
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
+DEFAULT_MASK_SIZE = 8
 MAX_MASK_SIZE = 256  # a bigger mask picture is a grey blur
 MAX_EXAMPLE_SIZE = 64  # the worked example prints one line per key position
 EXAMPLE_HEAD_SIZE = 16  # d, the length of the random query/key vectors in the example
@@ -46,21 +51,20 @@ def token_label(text: str) -> str:
     return text.replace("\n", "⏎").replace(" ", "␣").replace("\t", "⇥")
 
 
-def _pyplot():
-    """pyplot with the file-only Agg backend (no display needed)."""
-    import matplotlib
+def new_figure(**kwargs) -> Figure:
+    """A figure drawn by the file-only Agg canvas, without pyplot or its global backend."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def _save(fig: Figure, out: str | Path) -> Path:
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": the PNG is exactly the figure size
-    _pyplot().close(fig)
     return path
 
 
@@ -73,7 +77,7 @@ class MaskExample:
 
     size: int
     row: int  # the query position i
-    seed: int
+    seed: int | None  # of the random vectors; None: the scores were given
     scores: np.ndarray  # raw scores q_i . k_j / sqrt(d)
     mask: np.ndarray  # row i of causal_mask(size, size): 0 or the most negative float32
     probs: np.ndarray  # softmax(scores + mask), as computed by the model's attention_weights
@@ -84,6 +88,16 @@ def check_size(size: int, limit: int, what: str) -> None:
         raise VizError(f"--size must be between 1 and {limit} for {what}, got {size}")
 
 
+def check_row(row: int | None, size: int) -> int:
+    """The query row of the worked example: ``row``, or by default the middle one."""
+    row = (size - 1) // 2 if row is None else row
+    if not 0 <= row < size:
+        raise VizError(
+            f"--row must be between 0 and {size - 1} (a mask of {size} positions), got {row}"
+        )
+    return row
+
+
 def mask_example(size: int, row: int | None = None, seed: int = 0) -> MaskExample:
     """Attention of query ``row`` (default: the middle row) over ``size`` positions.
 
@@ -92,9 +106,7 @@ def mask_example(size: int, row: int | None = None, seed: int = 0) -> MaskExampl
     with the real :func:`causal_mask`, exactly as in the model.
     """
     check_size(size, MAX_EXAMPLE_SIZE, "the worked example")
-    row = (size - 1) // 2 if row is None else row
-    if not 0 <= row < size:
-        raise VizError(f"row must be between 0 and {size - 1}, got {row}")
+    row = check_row(row, size)
     q_key, k_key = mx.random.split(mx.random.key(seed))
     shape = (1, 1, size, EXAMPLE_HEAD_SIZE)  # (batch, heads, positions, d), as in the model
     q = mx.random.normal(shape, key=q_key)
@@ -106,15 +118,43 @@ def mask_example(size: int, row: int | None = None, seed: int = 0) -> MaskExampl
     return MaskExample(size, row, seed, np.array(scores), np.array(mask[row]), np.array(probs))
 
 
+def scores_example(scores: Sequence[float], row: int | None = None) -> MaskExample:
+    """The worked example for raw scores the reader chose (e.g. the numbers of a lesson).
+
+    ``scores[j]`` is query ``row``'s raw score for key ``j``, so ``len(scores)`` is the
+    number of positions. They go through the model's own
+    :func:`mlxgpt.model.attention_weights` with the real :func:`causal_mask`: the keys
+    are the unit vectors ``e_j`` and the query row is the score vector, so with scale 1
+    ``q . k_j`` is exactly ``scores[j]``.
+    """
+    values = np.asarray(scores, dtype=np.float64)
+    if values.ndim != 1 or not np.all(np.isfinite(values)):
+        raise VizError(f"--scores must be a list of finite numbers, got {list(scores)}")
+    size = values.size
+    if not 1 <= size <= MAX_EXAMPLE_SIZE:
+        raise VizError(f"--scores takes 1 to {MAX_EXAMPLE_SIZE} numbers (one per key), got {size}")
+    row = check_row(row, size)
+    q = np.zeros((1, 1, size, size), dtype=np.float32)  # (batch, heads, positions, d = size)
+    q[0, 0, row] = values
+    k = np.eye(size, dtype=np.float32)[None, None]
+    mask = causal_mask(size, size)
+    probs = attention_weights(mx.array(q), mx.array(k), mask, 1.0)[0, 0, row]
+    return MaskExample(size, row, None, q[0, 0, row], np.array(mask[row]), np.array(probs))
+
+
 def format_mask_example(ex: MaskExample) -> str:
     """The worked example as text: one line per key position, then the checks."""
     i, n = ex.row, ex.size
     masked = ex.mask != 0
     past = f"j = 0..{i}" if i else "j = 0"
     future = f"j = {i + 1}..{n - 1}" if i + 2 < n else f"j = {n - 1}"
+    if ex.seed is None:
+        source = "Raw scores as given (--scores)."
+    else:
+        source = f"Query and key vectors are random (seed {ex.seed}, d = {EXAMPLE_HEAD_SIZE})."
     lines = [
         f"Worked example: query position i = {i} of {n} (positions count from 0).",
-        f"Query and key vectors are random (seed {ex.seed}, d = {EXAMPLE_HEAD_SIZE}).",
+        source,
         "",
         f"step 1  raw scores     s_j = q_{i} . k_j / sqrt(d), for every key j",
         f"step 2  apply the mask s_j + M[{i}, j]: 0 for {past}"
@@ -147,13 +187,13 @@ def format_mask_example(ex: MaskExample) -> str:
 def draw_mask(size: int, row: int | None = None) -> Figure:
     """The ``size`` x ``size`` causal mask: allowed cells blue, masked (future) cells grey."""
     check_size(size, MAX_MASK_SIZE, "the mask picture")
-    plt = _pyplot()
     from matplotlib.colors import ListedColormap
     from matplotlib.patches import Patch, Rectangle
 
     allowed = np.array(causal_mask(size, size)) == 0
     side = min(10.0, max(5.0, 0.45 * size + 2.0))
-    fig, ax = plt.subplots(figsize=(side, side + 0.8), layout="constrained")
+    fig = new_figure(figsize=(side, side + 0.8), layout="constrained")
+    ax = fig.subplots()
     ax.imshow(allowed, cmap=ListedColormap([MASKED_COLOR, ALLOWED_COLOR]), vmin=0, vmax=1)
     if size <= 16:  # write the additive mask value into each cell
         for i in range(size):
@@ -188,13 +228,32 @@ def draw_mask(size: int, row: int | None = None) -> Figure:
     return fig
 
 
-def mask_command(size: int, out: str | None = None) -> tuple[Path, MaskExample | None]:
-    """``mlxgpt viz mask``: write the mask PNG and print the worked example (size <= 64)."""
-    check_size(size, MAX_MASK_SIZE, "the mask picture")
-    example = mask_example(size) if size <= MAX_EXAMPLE_SIZE else None
-    path = _save(
-        draw_mask(size, None if example is None else example.row), out or f"causal_mask_{size}.png"
-    )
+def mask_command(
+    size: int | None = None,
+    out: str | None = None,
+    row: int | None = None,
+    scores: Sequence[float] | None = None,
+) -> tuple[Path, MaskExample | None]:
+    """``mlxgpt viz mask``: write the mask PNG and print the worked example (size <= 64).
+
+    With ``scores`` the example uses them (one per position, so they set the size) instead
+    of random vectors; ``row`` picks the query row (default: the middle one).
+    """
+    if scores is not None:
+        if size is not None and size != len(scores):
+            raise VizError(
+                f"--size {size} does not match the {len(scores)} scores given: leave --size "
+                "out (the scores set it)"
+            )
+        example = scores_example(scores, row)
+        size = example.size
+    else:
+        size = DEFAULT_MASK_SIZE if size is None else size
+        check_size(size, MAX_MASK_SIZE, "the mask picture")
+        example = mask_example(size, row) if size <= MAX_EXAMPLE_SIZE else None
+        row = check_row(row, size) if row is not None else None
+    shown_row = row if example is None else example.row
+    path = _save(draw_mask(size, shown_row), out or f"causal_mask_{size}.png")
     if example is not None:
         print(format_mask_example(example))
     else:
@@ -240,19 +299,13 @@ def draw_attention(maps: AttentionMaps, title: str = "") -> Figure:
     Cells above the diagonal that are exactly 0 are drawn grey (masked future); any
     non-zero weight there would show in colour, so the picture cannot hide a leak.
     """
-    plt = _pyplot()
+    from matplotlib import colormaps
+
     n_layer, n_head, T, _ = maps.weights.shape
     panel = min(5.0, max(2.2, 0.12 * T + 0.9))  # inches per heatmap
-    fig, axes = plt.subplots(
-        n_layer,
-        n_head,
-        squeeze=False,
-        sharex=True,
-        sharey=True,
-        figsize=(n_head * panel + 1.4, n_layer * panel + 1.2),
-        layout="constrained",
-    )
-    cmap = plt.get_cmap("viridis").with_extremes(bad=MASKED_COLOR)
+    fig = new_figure(figsize=(n_head * panel + 1.4, n_layer * panel + 1.2), layout="constrained")
+    axes = fig.subplots(n_layer, n_head, squeeze=False, sharex=True, sharey=True)
+    cmap = colormaps["viridis"].with_extremes(bad=MASKED_COLOR)
     future = future_positions(T)
     labelled = T <= 48  # beyond that, token labels overlap: keep numeric ticks
     wide = any(len(t) > 1 for t in maps.tokens)  # multi-character (BPE) labels: rotate

@@ -63,11 +63,25 @@ def test_unmasked_model_has_higher_honest_loss(results):
     assert cheat.honest_train_loss > masked.honest_train_loss + 0.5
 
 
-def test_masked_model_is_measured_the_same_way_it_trained(results):
-    # with the mask, "as trained" and "honest" are the same measurement on the same batches
+def test_as_trained_loss_agrees_with_the_training_record(results):
+    """(1) measures each model the way it trained: it matches the loss training logged.
+
+    The per-step losses come from the training loop itself, on other batches, so this
+    checks the measurement against an independent record (for the unmasked model, the
+    honest loss is 3+ nats away from it; in 3 seeds tried the gap here was <= 0.1).
+    """
     masked, cheat = results["with_mask"], results["without_mask"]
-    assert masked.train_loss == masked.honest_train_loss
     assert masked.causal_mask and not cheat.causal_mask
+    for v in (masked, cheat):
+        logged = sum(v.step_losses[-20:]) / 20
+        assert abs(v.train_loss - logged) < 0.25, (v.train_loss, logged)
+
+
+def test_demo_command_line_error_is_one_line(tmp_path, capsys):
+    argv = ["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path), "--no-progress"]
+    assert demo.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data path") and "Traceback" not in err
 
 
 def test_report_and_plot(results, tmp_path):

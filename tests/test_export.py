@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from test_export_support import CONFIGS, write_random_checkpoint
+from safetensors.numpy import save_file
+from test_export_support import CONFIGS, random_weights, write_random_checkpoint
 
 import mlxgpt
 from mlxgpt.checkpoint import CheckpointError, expected_shapes
@@ -18,10 +19,11 @@ from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export import exporter
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
-from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.exporter import EXPORT_ENTRIES, export_checkpoint
+from mlxgpt_export.runtime import MODEL_FILE
 
 CONFIG = CONFIGS["bias-4layer-hs7-gelutanh"]
-FILES = {"model.onnx", "config.json", "tokenizer.json", "generation_config.json"}
+FILES = set(EXPORT_ENTRIES)
 
 
 @pytest.fixture(scope="module")
@@ -39,10 +41,20 @@ def exported(request, ckpt: Path, tmp_path_factory) -> tuple[str, Path]:
 def test_folder_contents(exported, ckpt: Path):
     _, out = exported
     assert {p.name for p in out.iterdir()} == FILES
-    assert json.loads((out / "config.json").read_text()) == dataclasses.asdict(CONFIG)
-    assert (out / "tokenizer.json").read_bytes() == (ckpt / "tokenizer.json").read_bytes()
+    assert [p.name for p in (out / "onnx").iterdir()] == ["model.onnx"]  # weights stored once
+    config = json.loads((out / "config.json").read_text())
+    assert config["mlxgpt"] == dataclasses.asdict(CONFIG)
+    assert config["model_type"] == "gpt2" and config["activation_function"] == "gelu_new"
+    assert (config["n_layer"], config["n_head"], config["n_embd"]) == (4, 2, 14)
+    assert (config["vocab_size"], config["n_positions"]) == (CONFIG.vocab_size, CONFIG.block_size)
+    # the tokenizer is rewritten in the form every client reads, with the same ids
+    original = Tokenizer.load(ckpt / "tokenizer.json")
+    written = Tokenizer.load(out / "tokenizer.json")
+    text = "".join(written.vocab) * 3
+    assert written.encode(text) == original.encode(text)
     generation = json.loads((out / "generation_config.json").read_text())
-    assert generation["bos_token_id"] == Tokenizer.load(ckpt / "tokenizer.json").start_id
+    assert generation["bos_token_id"] == original.start_id == config["bos_token_id"]
+    assert generation["eos_token_id"] is None is config["eos_token_id"]  # a char model
     assert generation["context_length"] == CONFIG.block_size
     # Hugging Face keys with their Hugging Face meaning: greedy (no sampling keys, which
     # transformers would ignore with a warning), 200 new tokens
@@ -52,7 +64,7 @@ def test_folder_contents(exported, ckpt: Path):
 
 def test_model_passes_the_full_checker_with_the_right_opset(exported):
     form, out = exported
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / MODEL_FILE))
     onnx.checker.check_model(model, full_check=True)
     assert model.opset_import[0].version == {"portable": 17, "fused": 23}[form]
     ops = {node.op_type for node in model.graph.node}
@@ -62,7 +74,7 @@ def test_model_passes_the_full_checker_with_the_right_opset(exported):
 
 def test_inputs_outputs_have_standard_names_and_symbolic_dims(exported):
     _, out = exported
-    graph = onnx.load(str(out / "model.onnx")).graph
+    graph = onnx.load(str(out / MODEL_FILE)).graph
 
     def dims(value: onnx.ValueInfoProto) -> list[str | int]:
         return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
@@ -82,7 +94,7 @@ def test_inputs_outputs_have_standard_names_and_symbolic_dims(exported):
 
 def test_tied_embedding_is_stored_once(exported):
     _, out = exported
-    model = onnx.load(str(out / "model.onnx"))
+    model = onnx.load(str(out / MODEL_FILE))
     inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
     vocab_sized = [name for name, a in inits.items() if CONFIG.vocab_size in a.shape]
     assert vocab_sized == ["wte.weight"]
@@ -92,7 +104,7 @@ def test_tied_embedding_is_stored_once(exported):
 
 def test_metadata_records_version_config_and_parity(exported):
     form, out = exported
-    meta = {p.key: p.value for p in onnx.load(str(out / "model.onnx")).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(out / MODEL_FILE)).metadata_props}
     assert meta["mlxgpt_version"] == mlxgpt.__version__
     assert json.loads(meta["model_config"]) == dataclasses.asdict(CONFIG)
     assert meta["attention"] == form
@@ -104,7 +116,7 @@ def test_metadata_records_version_config_and_parity(exported):
 
 def test_no_verify_records_that_parity_was_not_measured(ckpt: Path, tmp_path: Path):
     export_checkpoint(ckpt, tmp_path / "out", verify=False, quiet=True)
-    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out/model.onnx")).metadata_props}
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "out" / MODEL_FILE)).metadata_props}
     assert json.loads(meta["parity"]) == {"measured": False}
 
 
@@ -185,7 +197,7 @@ def test_failed_export_leaves_nothing_behind(ckpt: Path, tmp_path: Path, monkeyp
     out = tmp_path / "out"
     if existing:
         export_checkpoint(ckpt, out, quiet=True)
-        before = {p.name: p.read_bytes() for p in out.iterdir()}
+        before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
@@ -195,7 +207,7 @@ def test_failed_export_leaves_nothing_behind(ckpt: Path, tmp_path: Path, monkeyp
         export_checkpoint(ckpt, out, force=True, quiet=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (["out"] if existing else [])
     if existing:
-        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+        assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
 
 
 def test_failed_parity_check_writes_nothing(ckpt: Path, tmp_path: Path, monkeypatch):
@@ -216,3 +228,42 @@ def test_cli_export(ckpt: Path, tmp_path: Path, capsys):
     assert mlxgpt_main(["export", str(tmp_path / "missing"), str(tmp_path / "o2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_special_tokens_in_the_client_files(tmp_path: Path, kind: str):
+    """bos = start token; eos/pad = <|endoftext|> for BPE, none for char (genai: see below)."""
+    text = "First Citizen:\nSpeak, speak.\n" * 20
+    if kind == "bpe":
+        tokenizer = Tokenizer.train_bpe([text], vocab_size=300)
+    else:
+        tokenizer = Tokenizer.train_char([text])
+    config = dataclasses.replace(CONFIG, vocab_size=tokenizer.vocab_size)
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    save_file(random_weights(config), str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps(dataclasses.asdict(config)))
+    tokenizer.save(ckpt / "tokenizer.json")
+    out = export_checkpoint(ckpt, tmp_path / "out", verify=False, quiet=True)
+    files = {name: json.loads((out / name).read_text()) for name in EXPORT_ENTRIES[1:]}
+    eos = tokenizer.eos_id
+    for name in ("config.json", "generation_config.json"):
+        ids = [files[name][f"{t}_token_id"] for t in ("bos", "eos", "pad")]
+        assert ids == [tokenizer.start_id, eos, eos]
+    tokens = files["tokenizer_config.json"]
+    eot = "<|endoftext|>" if kind == "bpe" else None
+    assert [tokens[f"{t}_token"] for t in ("bos", "eos", "pad")] == [eot] * 3
+    assert tokens["padding_side"] == "left" and not tokens["add_bos_token"]
+    assert files["special_tokens_map.json"] == (
+        {} if eot is None else dict.fromkeys(("bos_token", "eos_token", "pad_token"), eot)
+    )
+    genai = files["genai_config.json"]["model"]
+    # genai insists on an end token in the vocabulary: a char model gets its highest id
+    stop = eos if kind == "bpe" else tokenizer.vocab_size - 1
+    assert (genai["eos_token_id"], genai["pad_token_id"], genai["bos_token_id"]) == (
+        stop,
+        stop,
+        tokenizer.start_id,
+    )
+    assert genai["decoder"]["filename"] == MODEL_FILE
+    assert files["genai_config.json"]["search"]["past_present_share_buffer"] is False

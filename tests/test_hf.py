@@ -280,7 +280,7 @@ def test_imported_checkpoint_generates_and_exports(imported, tmp_path, capsys):
     code, out, err = run(capsys, "generate", ckpt, "--prompt", "the quick", "--max-tokens", "5")
     assert code == 0 and out.startswith("the quick"), err
     code, out, err = run(capsys, "export", ckpt, tmp_path / "onnx", "--no-verify")
-    assert code == 0 and (tmp_path / "onnx" / "model.onnx").is_file(), err
+    assert code == 0 and (tmp_path / "onnx" / "onnx" / "model.onnx").is_file(), err
 
 
 # -- (b) mlxgpt-trained checkpoints, exported -------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -11,16 +12,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from blocked_imports import blocking_env
 from conftest import CORPUS
 from test_export_support import mlx_model
 
 from mlxgpt.generate import generate_text, generate_tokens
 from mlxgpt.sampling import SamplingParams
-from mlxgpt.tokenizer import TokenizerError, prompt_ids
+from mlxgpt.tokenizer import Tokenizer, TokenizerError, prompt_ids
 from mlxgpt_export.cli import main as ort_main
 from mlxgpt_export.errors import ExportFolderError, InputError
 from mlxgpt_export.exporter import export_checkpoint
-from mlxgpt_export.runtime import FOLDER_FILES, OnnxGPT
+from mlxgpt_export.runtime import FOLDER_FILES, MODEL_FILE, OnnxGPT
 
 REPO = Path(__file__).resolve().parents[1]
 LONG_PROMPT = CORPUS[:60]  # longer than the trained model's 32-token window
@@ -132,9 +134,10 @@ def test_generation_config_keys_missing_take_hugging_face_defaults(exported: Pat
     (folder / "generation_config.json").write_text('{"do_sample": true}')
     # transformers' defaults for a sampling config: temperature 1, top_k 50, top_p 1
     assert OnnxGPT.load(folder).default_settings() == (SamplingParams(1.0, 50, 1.0), 200)
-    (folder / "generation_config.json").write_text('{"do_sample": true, "top_k": "many"}')
-    with pytest.raises(ExportFolderError, match="generation_config.json"):
-        OnnxGPT.load(folder).default_settings()
+    for bad in ('{"do_sample": true, "top_k": "many"}', '{"max_new_tokens": 2.5}'):
+        (folder / "generation_config.json").write_text(bad)
+        with pytest.raises(ExportFolderError, match="generation_config.json"):
+            OnnxGPT.load(folder).default_settings()
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -158,6 +161,69 @@ def test_forward_refuses_sequences_longer_than_the_window(ort: OnnxGPT):
         ort.forward([[1]], past=past)
 
 
+def test_ragged_batches_are_refused(ort: OnnxGPT):
+    with pytest.raises(InputError, match=r"input_ids rows have different lengths \(\[2, 1\]\)"):
+        ort.forward([[1, 2], [3]])
+    with pytest.raises(InputError, match="attention_mask rows have different lengths"):
+        ort.forward([[1, 2], [3, 4]], attention_mask=[[1, 1], [1]])
+
+
+def test_a_past_that_does_not_fit_the_model_is_refused(ort: OnnxGPT):
+    _, past = ort.forward([[1, 2, 3]])
+    heads = [(k[:, :1], v[:, :1]) for k, v in past]
+    with pytest.raises(InputError, match=r"past\[0\] key has shape .* \(1, 2, past, 16\)"):
+        ort.forward([[4]], past=heads)
+    doubles = [(k.astype(np.float64), v.astype(np.float64)) for k, v in past]
+    with pytest.raises(InputError, match=r"past\[0\] key is float64, not float32"):
+        ort.forward([[4]], past=doubles)
+    with pytest.raises(InputError, match=r"past\[0\] key has shape"):
+        ort.forward([[4], [5]], past=past)  # a past of batch 1 for a batch of 2
+    with pytest.raises(InputError, match="past must hold 2 .* got 1 layers"):
+        ort.forward([[4]], past=past[:1])
+    uneven = [past[0], (past[1][0][:, :, :2], past[1][1][:, :, :2])]
+    with pytest.raises(InputError, match=r"different lengths \[2, 3\]"):
+        ort.forward([[4]], past=uneven)
+    logits, _ = ort.forward([[4]], past=past)  # the past forward() returned still works
+    assert logits.shape == (1, 1, ort.config.vocab_size)
+
+
+def test_position_ids_and_attention_mask_values_are_checked(ort: OnnxGPT):
+    with pytest.raises(InputError, match=r"position_ids must be >= 0 .* got -1"):
+        ort.forward([[1, 2]], position_ids=[[-1, 0]])
+    with pytest.raises(InputError, match="position_ids must hold whole numbers"):
+        ort.forward([[1, 2]], position_ids=[[0.0, 1.5]])
+    for bad, shown in (([[1, 2]], "[2]"), ([[1, -1]], "[-1]")):
+        with pytest.raises(
+            InputError, match=rf"only 1 \(a token\) and 0 \(padding\), got {re.escape(shown)}"
+        ):
+            ort.forward([[1, 2]], attention_mask=bad)
+    with pytest.raises(InputError, match="attention_mask must hold whole numbers"):
+        ort.forward([[1, 2]], attention_mask=[[1.0, 0.5]])
+    with pytest.raises(InputError, match="input_ids must hold whole numbers"):
+        ort.forward([[1.0, 2.0]])
+    as_bool, _ = ort.forward([[1, 2]], attention_mask=np.array([[False, True]]))
+    as_int, _ = ort.forward([[1, 2]], attention_mask=[[0, 1]])
+    np.testing.assert_array_equal(as_bool, as_int)
+
+
+def test_generation_arguments_are_checked_at_the_call(ort: OnnxGPT):
+    with pytest.raises(InputError, match="at least one prompt token"):
+        ort.generate_ids([])
+    with pytest.raises(InputError, match="whole numbers"):
+        ort.generate_ids([1.0, 2.5])
+    for bad in (2.5, -1, "3"):
+        with pytest.raises(InputError, match="max_tokens must be a whole number >= 0"):
+            ort.generate_ids([1], bad)
+        with pytest.raises(InputError, match="max_tokens must be a whole number >= 0"):
+            ort.generate_batch_ids([[1]], bad)
+        with pytest.raises(InputError, match="max_tokens"):
+            ort.generate("All:", bad)
+    with pytest.raises(InputError, match="at least one prompt"):
+        ort.generate_batch([])
+    with pytest.raises(InputError, match="at least one prompt token"):
+        ort.generate_batch_ids([[1], []])
+
+
 def test_prompt_with_unknown_characters(ort: OnnxGPT):
     with pytest.raises(TokenizerError, match="not in this model's character vocabulary"):
         list(ort.generate("Ω", 3))
@@ -175,14 +241,67 @@ def test_missing_or_corrupt_export_folder(exported: Path, tmp_path: Path):
     with pytest.raises(ExportFolderError, match="does not exist.*mlxgpt export"):
         OnnxGPT.load(tmp_path / "nope")
     folder = shutil.copytree(exported, tmp_path / "copy")
-    (folder / "model.onnx").write_bytes(b"not a model")
+    (folder / MODEL_FILE).write_bytes(b"not a model")
     with pytest.raises(ExportFolderError, match="model.onnx cannot be loaded"):
         OnnxGPT.load(folder)
-    config = json.loads((exported / "config.json").read_text())
-    (folder / "config.json").write_text(json.dumps({**config, "n_layer": 5}))
-    shutil.copy(exported / "model.onnx", folder / "model.onnx")
-    with pytest.raises(ExportFolderError, match="do not match config.json"):
+
+
+def _edit_config(exported: Path, folder: Path, edit) -> Path:
+    shutil.copytree(exported, folder)
+    config = json.loads((folder / "config.json").read_text())
+    edit(config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def test_config_edited_after_export_is_refused(exported: Path, tmp_path: Path):
+    """The ONNX metadata records the config; an edited config.json names what differs."""
+
+    def n_head_4_everywhere(config: dict) -> None:
+        config["n_head"] = config["mlxgpt"]["n_head"] = 4
+
+    folder = _edit_config(exported, tmp_path / "a", n_head_4_everywhere)
+    with pytest.raises(ExportFolderError, match="n_head is 4 in config.json but 2 in model.onnx"):
         OnnxGPT.load(folder)
+    # the Hugging Face keys (what the other clients read) must agree with mlxgpt's
+    folder = _edit_config(exported, tmp_path / "b", lambda c: c.update(n_head=4))
+    with pytest.raises(ExportFolderError, match="n_head: found 4, expected 2.*mlxgpt export"):
+        OnnxGPT.load(folder)
+    folder = _edit_config(exported, tmp_path / "c", lambda c: c.pop("mlxgpt"))
+    with pytest.raises(ExportFolderError, match="no 'mlxgpt' key.*not written by `mlxgpt export`"):
+        OnnxGPT.load(folder)
+
+
+def test_folder_exported_before_the_client_layout_still_loads(
+    exported: Path, ort: OnnxGPT, tmp_path: Path, capsys
+):
+    """Old layout: model.onnx at the top, config.json = the GPTConfig, original tokenizer."""
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    shutil.copy(exported / MODEL_FILE, legacy / "model.onnx")
+    config = json.loads((exported / "config.json").read_text())["mlxgpt"]
+    (legacy / "config.json").write_text(json.dumps(config))
+    Tokenizer(_without_added_tokens(ort.tokenizer)).save(legacy / "tokenizer.json")
+    shutil.copy(exported / "generation_config.json", legacy)
+    old = OnnxGPT.load(legacy)
+    assert old.model_path == legacy / "model.onnx"
+    params = SamplingParams(0.8, seed=4)
+    assert "".join(old.generate("All:", 40, params)) == "".join(ort.generate("All:", 40, params))
+    assert ort_main(["info", str(legacy)]) == 0
+    assert "model.onnx" in capsys.readouterr().out
+    # a config with n_head edited in an old folder is caught by the metadata as well
+    (legacy / "config.json").write_text(json.dumps({**config, "n_embd": 64, "n_head": 4}))
+    with pytest.raises(ExportFolderError, match="does not match the model it was exported"):
+        OnnxGPT.load(legacy)
+
+
+def _without_added_tokens(tokenizer: Tokenizer):
+    """The char tokenizer as mlxgpt wrote it before every character was an added token."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    data = json.loads(tokenizer.hf.to_str())
+    data["added_tokens"] = []
+    return HFTokenizer.from_str(json.dumps(data))
 
 
 # -- the mlxgpt-ort command -----------------------------------------------------------------
@@ -220,6 +339,16 @@ def test_cli_errors(exported: Path, tmp_path: Path, capsys):
         assert err.startswith("error: ") and message in err and "Traceback" not in err
 
 
+def test_cli_tiny_temperature_is_greedy_and_seed_range(exported: Path, ort: OnnxGPT, capsys):
+    args = ["generate", str(exported), "--prompt", "All:", "--max-tokens", "20"]
+    assert ort_main([*args, "--temperature", "1e-320", "--seed", "4294967295"]) == 0
+    assert capsys.readouterr().out == "All:" + "".join(ort.generate("All:", 20)) + "\n"
+    with pytest.raises(SystemExit) as info:
+        ort_main([*args, "--seed", "100000000000000"])
+    assert info.value.code == 2
+    assert "--seed: must be a whole number from 0 to 4294967295" in capsys.readouterr().err
+
+
 def test_cli_info_and_python_dash_m(exported: Path):
     result = subprocess.run(
         [sys.executable, "-m", "mlxgpt_export", "info", str(exported)],
@@ -230,22 +359,8 @@ def test_cli_info_and_python_dash_m(exported: Path):
 
 
 # -- without MLX ----------------------------------------------------------------------------
-NO_MLX = """
-import sys
-
-class BlockMLX:
-    '''Make `import mlx` (and mlx.*) fail, as on a machine where MLX is not installed.'''
-
-    def find_spec(self, name, path=None, target=None):
-        if name == "mlx" or name.startswith("mlx."):
-            raise ImportError(f"No module named {name!r} (MLX is blocked in this test)")
-        return None
-
-sys.meta_path.insert(0, BlockMLX())
-"""
-
 WITHOUT_MLX_SCRIPT = """
-import io, json, contextlib
+import io, json, contextlib, sys
 try:
     import mlx.core
     mlx_importable = True
@@ -276,10 +391,11 @@ def test_export_and_runtime_work_without_mlx(trained_ckpt: Path, mlx, tmp_path: 
     """In a process where `import mlx` fails: export, load, generate (API and CLI)."""
     model, tokenizer = mlx
     prompt = prompt_ids(tokenizer, "First Citizen:")
-    code = textwrap.dedent(NO_MLX) + textwrap.dedent(WITHOUT_MLX_SCRIPT)
+    code = textwrap.dedent(WITHOUT_MLX_SCRIPT)  # the runtime alone: test_minimal_install.py
     result = subprocess.run(
         [sys.executable, "-c", code, str(trained_ckpt), str(tmp_path / "out"), json.dumps(prompt)],
         cwd=REPO, capture_output=True, text=True, timeout=300,
+        env=blocking_env(tmp_path / "site", ("mlx",)),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -287,7 +403,7 @@ def test_export_and_runtime_work_without_mlx(trained_ckpt: Path, mlx, tmp_path: 
     expected = list(generate_tokens(model, prompt, 20, SamplingParams(temperature=0.8, seed=7)))
     assert report["ids"] == expected  # the same tokens MLX generates, computed without MLX
     assert report["batch_steps"] == 5 and report["cli_rc"] == 0
-    assert report["cli_out"].startswith("All:") and len(report["cli_out"]) > len("All:\n")
+    assert report["cli_out"].startswith("All:") and len(report["cli_out"]) == len("All:") + 5 + 1
     assert np.all(np.array(report["ids"]) < tokenizer.vocab_size)
 
 

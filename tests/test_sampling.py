@@ -7,7 +7,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from mlxgpt.errors import UserError
 from mlxgpt.sampling import (
+    MAX_SEED,
+    MIN_TEMPERATURE,
+    SamplingError,
     SamplingParams,
     filtered_probs,
     from_generation_config,
@@ -118,8 +122,64 @@ def test_filtered_distribution_is_valid(logits, temperature, top_k, top_p):
     ],
 )
 def test_invalid_sampling_settings_are_rejected(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(SamplingError):  # a UserError: the CLIs print it as one error line
         SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"temperature": "hot"}, {"top_k": 2.5}, {"top_p": None}, {"temperature": float("inf")}],
+)
+def test_sampling_settings_of_the_wrong_type_are_a_user_error(kwargs):
+    with pytest.raises(SamplingError):
+        SamplingParams(**kwargs)
+
+
+@pytest.mark.parametrize("seed", [-1, MAX_SEED + 1, 100_000_000_000_000, 1.5, "7", True])
+def test_seeds_outside_the_allowed_range_are_refused_with_the_range(seed):
+    with pytest.raises(SamplingError, match=r"seed must be a whole number from 0 to 4294967295"):
+        SamplingParams(seed=seed)
+    assert issubclass(SamplingError, UserError)
+
+
+def test_the_largest_seed_works():
+    params = SamplingParams(1.0, seed=MAX_SEED)
+    assert sample_next(LOGITS, params, params.rng()) == sample_next(LOGITS, params, params.rng())
+    assert MAX_SEED == 2**32 - 1 and SamplingParams(seed=np.int64(0)).seed == 0
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-320, 1e-300, MIN_TEMPERATURE / 2])
+def test_temperatures_too_small_to_divide_by_are_greedy(temperature):
+    """1e-320 used to overflow the logits to NaN and always pick the last token."""
+    logits = np.array([0.5, 3.0, 2.9999, -1.0, 1.0])
+    params = SamplingParams(temperature, seed=0)
+    assert params.greedy
+    assert sample_next(logits, params, params.rng()) == 1
+    np.testing.assert_array_equal(filtered_probs(logits, params), [0, 1, 0, 0, 0])
+    assert to_generation_config(params, 5)["do_sample"] is False
+
+
+def test_the_smallest_real_temperature_samples():
+    params = SamplingParams(MIN_TEMPERATURE)
+    assert not params.greedy
+    p = filtered_probs(np.array([0.0, 1e-6, -1.0]), params)  # logits within 1e-5: both kept
+    assert np.all(np.isfinite(p)) and p[0] > 0.4 and p[1] > 0.4 and p[2] == 0
+    assert to_generation_config(params, 5) == {
+        "do_sample": True, "temperature": MIN_TEMPERATURE, "top_k": 0, "top_p": 1.0,
+        "max_new_tokens": 5,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "max_tokens, prompt, message",
+    [(2.5, [1], "max_tokens must be a whole number"), (-1, [1], "max_tokens"), (3, [], "prompt")],
+)
+def test_bad_generation_arguments_fail_at_the_call(max_tokens, prompt, message):
+    def step(new_ids, past_len):
+        raise AssertionError("nothing may run")
+
+    with pytest.raises(SamplingError, match=message):
+        generate_ids(step, prompt, max_tokens, 16, SamplingParams())  # not iterated
 
 
 def test_max_tokens_is_honoured_and_zero_is_allowed():

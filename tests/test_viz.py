@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -162,3 +165,93 @@ def test_attention_user_errors(trained_ckpt, tmp_path, capsys):
     assert main(["viz", "attention", str(tmp_path / "missing"), "--prompt", "All"]) == 2
     assert "error:" in capsys.readouterr().err
     assert not (tmp_path / "a.png").exists()
+
+
+# -- a reader's own scores -------------------------------------------------------------------
+LESSON = "0.5,0.3,0.8,0.2,0.1"  # raw scores of one query for 5 keys, as in a lesson
+
+
+def test_mask_with_a_lessons_own_scores(tmp_path, capsys, monkeypatch):
+    calls = []
+    real = viz.attention_weights
+    monkeypatch.setattr(viz, "attention_weights", lambda *a: calls.append(a) or real(*a))
+    out = tmp_path / "lesson.png"
+    assert main(["viz", "mask", "--scores", LESSON, "--row", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    rows = [m.groups() for m in map(ROW.match, printed.splitlines()) if m]
+    assert [float(r[1]) for r in rows] == [0.5, 0.3, 0.8, 0.2, 0.1]
+    assert [r[2] for r in rows] == ["0", "0", "0", "-inf", "-inf"]  # row 2 sees keys 0..2
+    probs = np.array([float(r[4]) for r in rows])
+    past = np.exp([0.5, 0.3, 0.8])
+    np.testing.assert_allclose(probs, [*past / past.sum(), 0, 0], atol=1e-6)
+    assert [f"{p:.3f}" for p in probs] == ["0.316", "0.258", "0.426", "0.000", "0.000"]
+    assert len(calls) == 1  # computed by the model's own attention_weights
+    assert "Raw scores as given" in printed and png_shape(out) == figure_pixels(viz.draw_mask(5))
+
+
+def test_scores_default_to_the_middle_row_and_any_row_works():
+    assert viz.scores_example([1.0, 2.0, 3.0]).row == 1
+    last = viz.scores_example([1.0, 2.0, 3.0], row=2)
+    np.testing.assert_allclose(last.probs, np.exp([1, 2, 3]) / np.exp([1, 2, 3]).sum(), atol=1e-6)
+    assert viz.scores_example([7.0], row=0).probs.tolist() == [1.0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--scores", "0.5,abc"], "expected comma-separated numbers such as 0.5,0.3,0.8; 'abc'"),
+        (["--scores", "0.5,,0.1"], "expected comma-separated numbers"),
+        (["--scores", "nan,1"], "'nan' is not"),
+        (["--row", "-1"], "--row: must be >= 0"),
+    ],
+)
+def test_scores_that_are_not_numbers(argv, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["viz", "mask", *argv])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--scores", LESSON, "--row", "5"], "--row must be between 0 and 4 (a mask of 5"),
+        (["--size", "8", "--row", "8"], "--row must be between 0 and 7"),
+        (["--scores", LESSON, "--size", "8"], "--size 8 does not match the 5 scores given"),
+        (["--scores", ",".join(["1"] * 65)], "--scores takes 1 to 64 numbers"),
+    ],
+)
+def test_scores_and_rows_out_of_range(argv, message, capsys, tmp_path):
+    out = tmp_path / "x.png"
+    assert main(["viz", "mask", *argv, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and not out.exists()
+
+
+def test_mask_options_are_refused_for_attention(trained_ckpt, capsys):
+    assert main(["viz", "attention", str(trained_ckpt), "--row", "1"]) == 2
+    assert "--row belongs to `mlxgpt viz mask`" in capsys.readouterr().err
+
+
+BACKEND_SCRIPT = """
+import sys
+import matplotlib
+import numpy as np
+from mlxgpt import viz
+
+viz.mask_command(5, out=sys.argv[1], row=1)
+maps = viz.AttentionMaps(list("ab"), np.array([[[[1, 0], [0.5, 0.5]]]], np.float32), 0)
+viz.draw_attention(maps).savefig(sys.argv[1])
+print(matplotlib.get_backend(), "matplotlib.pyplot" in sys.modules)
+"""
+
+
+def test_viz_leaves_matplotlibs_backend_alone(tmp_path):
+    """A library must not switch the caller's backend (pyplot's global state)."""
+    env = {**os.environ, "MPLBACKEND": "pdf"}  # a caller's choice that is not Agg
+    result = subprocess.run(
+        [sys.executable, "-c", BACKEND_SCRIPT, str(tmp_path / "m.png")],
+        env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split("\n")[-2] == "pdf False"
+    assert png_shape(tmp_path / "m.png")[0] > 0
