@@ -96,6 +96,10 @@ class TrainConfig:
     causal_mask: bool = True  # False is the "cheating" teaching device, never for real use
     sample_tokens: int = 200  # length of the sample printed at the end
     sample_temperature: float = 0.8  # its temperature (0 = greedy)
+    # data-parallel runs (mlx.launch; README "Training on several machines"): batch_size
+    # windows per data stream; 0 streams = one per rank; seconds a rank waits for the others
+    data_streams: int = 0
+    dist_timeout: float = 300.0
     model: GPTConfig = field(default_factory=GPTConfig)
 
     def __post_init__(self) -> None:
@@ -103,7 +107,7 @@ class TrainConfig:
         for name in positive + ("ckpt_interval", "bpe_vocab_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_iters", "stop_at", "sample_tokens"):
+        for name in ("warmup_iters", "stop_at", "sample_tokens", "data_streams"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         for name in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "sample_temperature"):
@@ -111,6 +115,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.learning_rate == 0:
             raise ConfigError("learning_rate must be > 0")
+        if not self.dist_timeout > 0:
+            raise ConfigError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.tokenizer not in ("char", "bpe"):
