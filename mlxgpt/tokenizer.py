@@ -121,25 +121,30 @@ class Tokenizer:
 
 
 class StreamDecoder:
-    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8."""
+    """Turns a growing list of ids into text pieces, holding back incomplete UTF-8.
+
+    Only the ids after the last complete piece are decoded again, so a push costs the
+    size of one piece, not of the whole text (a long generation stays linear). That is
+    exact: a piece ends on a complete character, where UTF-8 decoding starts afresh.
+    """
 
     def __init__(self, tokenizer: Tokenizer):
         self.tokenizer = tokenizer
         self.ids: list[int] = []
-        self.emitted = 0
+        self.start = 0  # ids[:start] have been emitted as text
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.tokenizer.decode(self.ids[self.start :])
         if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
             return ""
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        self.start = len(self.ids)
+        return text
 
     def flush(self) -> str:
-        text = self.tokenizer.decode(self.ids)
-        piece, self.emitted = text[self.emitted :], len(text)
-        return piece
+        text = self.tokenizer.decode(self.ids[self.start :])
+        self.start = len(self.ids)
+        return text
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str) -> list[int]:

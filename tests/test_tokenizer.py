@@ -76,3 +76,11 @@ def test_stream_decoder_never_emits_half_a_character(bpe):
     pieces = [decoder.push(i) for i in bpe.encode(text)] + [decoder.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+@given(st.lists(st.integers(0, 299), max_size=60))
+def test_stream_decoder_pieces_join_to_the_whole_decode(bpe, ids):
+    """Any ids, even byte fragments that never complete a character: same text as decode."""
+    decoder = StreamDecoder(bpe)
+    pieces = [decoder.push(i) for i in ids] + [decoder.flush()]
+    assert "".join(pieces) == bpe.decode(ids)
