@@ -245,8 +245,9 @@ class Engine:
             else:
                 keep.append(row)
                 going.append(token)
-        if keep:
-            self._batch = self._decode(batch.select(keep), going)
+        if keep:  # (select copies the cache: only when a row left)
+            kept = batch if len(keep) == len(batch.jobs) else batch.select(keep)
+            self._batch = self._decode(kept, going)
         return True
 
     def _admit(self) -> list[Job]:

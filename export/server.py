@@ -42,10 +42,12 @@ import contextlib
 import dataclasses
 import json
 import logging
+import os
 import signal
 import socket
 import time
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,21 +254,67 @@ class Choice:
     finish_reason: str | None = None
 
 
-class QueueSink:
-    """Hands a job's tokens from the engine thread to the request's event loop."""
+class Courier:
+    """Carries engine output to the event loop: at most one wake-up per burst, not per token.
 
-    def __init__(self, index: int, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue):
-        self.index, self.loop, self.queue = index, loop, queue
+    The engine thread appends to a request's :class:`Mailbox` and calls :meth:`notify`;
+    the loop is woken (``call_soon_threadsafe``) only if no wake-up is pending, and then
+    signals every mailbox that got mail. A mailbox is always filled before ``scheduled`` is
+    read, and ``scheduled`` is cleared before mailboxes are signalled, so no mail is missed.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self.dirty: deque[Mailbox] = deque()
+        self.scheduled = False
+
+    def notify(self, box: Mailbox) -> None:
+        self.dirty.append(box)
+        if not self.scheduled:
+            self.scheduled = True
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody listens
+                self.loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        self.scheduled = False
+        while self.dirty:
+            self.dirty.popleft().ready.set()
+
+
+class Mailbox:
+    """One request's engine output, ``(choice index, token id or finish reason)`` items."""
+
+    def __init__(self, courier: Courier):
+        self.courier = courier
+        self.items: deque[tuple[int, int | str]] = deque()
+        self.ready = asyncio.Event()
+
+    def put(self, item: tuple[int, int | str]) -> None:  # engine thread
+        self.items.append(item)
+        self.courier.notify(self)
+
+    async def take(self) -> list[tuple[int, int | str]]:  # event loop
+        while not self.items:
+            await self.ready.wait()
+            self.ready.clear()
+        taken = []
+        while self.items:
+            taken.append(self.items.popleft())
+        return taken
+
+
+@dataclass
+class ChoiceSink:
+    """The engine's :class:`~mlxgpt_export.batching.Sink` for one choice of a request."""
+
+    index: int
+    mailbox: Mailbox
 
     def token(self, token_id: int) -> None:
-        self._put(token_id)
+        self.mailbox.put((self.index, token_id))
 
     def finish(self, reason: str) -> None:
-        self._put(reason)
-
-    def _put(self, item: int | str) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (self.index, item))
+        self.mailbox.put((self.index, reason))
 
 
 # -- the app ----------------------------------------------------------------------------------
@@ -287,6 +335,7 @@ class Service:
         self.base, self.default_max_tokens = base, default_max_tokens
         self.engine = Engine(model, limits.max_batch, limits.max_queue)
         self.created = int(time.time())
+        self.courier: Courier | None = None  # made in the event loop, at the first request
 
     def settings(self, request: CompletionRequest) -> tuple[SamplingParams, int]:
         """The request's settings; omitted ones come from generation_config.json (CLI rule)."""
@@ -336,7 +385,7 @@ class Service:
             ids.append(crop_prompt(tokens, self.model.config.block_size))
         return ids
 
-    def start(self, request: CompletionRequest) -> tuple[list[Choice], asyncio.Queue]:
+    def start(self, request: CompletionRequest) -> tuple[list[Choice], Mailbox]:
         """Validate the request and submit one job per prompt to the engine."""
         if request.model is not None and request.model != self.model_id:
             raise ApiError(
@@ -347,12 +396,15 @@ class Service:
             )
         params, max_tokens = self.settings(request)
         prompts = self.prompts(request)
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        if self.courier is None or self.courier.loop is not loop:
+            self.courier = Courier(loop)
+        mailbox = Mailbox(self.courier)
         stops = stop_sequences(request)
         choices = [
             Choice(
                 i,
-                Job(ids, max_tokens, params, QueueSink(i, loop, queue)),
+                Job(ids, max_tokens, params, ChoiceSink(i, mailbox)),
                 TextStream(self.tokenizer, stops),
                 len(ids),
             )
@@ -368,7 +420,7 @@ class Service:
                 kind="server_error",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             ) from None
-        return choices, queue
+        return choices, mailbox
 
     def cancel(self, choices: list[Choice]) -> None:
         for choice in choices:
@@ -377,16 +429,14 @@ class Service:
 
 
 async def next_pieces(
-    service: Service, choices: list[Choice], queue: asyncio.Queue
+    service: Service, choices: list[Choice], mailbox: Mailbox
 ) -> list[tuple[Choice, str]]:
     """Wait for engine output, then take all that is ready: (choice, new text) pairs.
 
     Taking everything that is ready at once means a busy server sends several tokens per
     event instead of falling behind. A choice's ``finish_reason`` is set when it ends.
     """
-    items = [await queue.get()]
-    while not queue.empty():
-        items.append(queue.get_nowait())
+    items = await mailbox.take()
     pieces: dict[int, str] = {}
     for index, item in items:
         choice = choices[index]
@@ -483,17 +533,17 @@ def create_app(model: OnnxGPT, model_id: str, limits: Limits | None = None) -> S
 
     async def completions(request: Request) -> Response:
         body = parse_request(await read_body(request, service.limits.max_body_bytes))
-        choices, queue = service.start(body)
+        choices, mailbox = service.start(body)
         cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            events = stream(service, choices, queue, cid, created, include_usage)
+            events = stream(service, choices, mailbox, cid, created, include_usage)
             return StreamingResponse(events, media_type="text/event-stream")
 
         async def collect() -> dict[str, Any]:
             texts = [""] * len(choices)
             while any(c.finish_reason is None for c in choices):
-                for choice, piece in await next_pieces(service, choices, queue):
+                for choice, piece in await next_pieces(service, choices, mailbox):
                     texts[choice.index] += piece
             objects = [choice_object(c, t) for c, t in zip(choices, texts, strict=True)]
             return {**completion_object(service, cid, created, objects), "usage": usage(choices)}
@@ -570,7 +620,7 @@ def create_app(model: OnnxGPT, model_id: str, limits: Limits | None = None) -> S
 async def stream(
     service: Service,
     choices: list[Choice],
-    queue: asyncio.Queue,
+    mailbox: Mailbox,
     cid: str,
     created: int,
     include_usage: bool,
@@ -583,7 +633,7 @@ async def stream(
     try:
         while any(c.finish_reason is None for c in choices):
             try:
-                pieces = await next_pieces(service, choices, queue)
+                pieces = await next_pieces(service, choices, mailbox)
             except ApiError as err:
                 yield sse(err.body())
                 return
@@ -601,10 +651,26 @@ async def stream(
 
 # -- running it -------------------------------------------------------------------------------
 def listen(host: str, port: int) -> socket.socket:
-    """A listening socket, or a :class:`ServeError` that says why not."""
+    """A listening TCP socket, or a :class:`ServeError` that says why not.
+
+    The socket is created with ``proto=IPPROTO_TCP``: asyncio disables Nagle's algorithm
+    (``TCP_NODELAY``) only on connections of such a socket, and without that each response
+    written in two parts (headers, body) waits ~40 ms for a delayed ACK.
+    """
     try:
-        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        return socket.create_server((host, port), family=family)
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, proto=socket.IPPROTO_TCP
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            if os.name != "nt":  # as socket.create_server: quick restarts on POSIX
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(address)
+            sock.listen(2048)
+        except OSError:
+            sock.close()
+            raise
+        return sock
     except OSError as err:
         raise ServeError(
             f"cannot listen on {host}:{port}: {err.strerror or err} "
