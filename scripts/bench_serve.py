@@ -211,8 +211,9 @@ def main() -> int:
 def print_table(rows: dict, args: argparse.Namespace) -> None:
     columns = list(next(iter(rows.values())))
     print(
-        f"\n{args.rounds} x {args.requests} streamed requests per row, max_tokens {budget(0, args.max_tokens)}"
-        f"-{budget(4, args.max_tokens)} (mean {args.max_tokens}), temperature 0.8\n"
+        f"\n{args.rounds} x {args.requests} streamed requests per row, max_tokens "
+        f"{budget(0, args.max_tokens)}-{budget(4, args.max_tokens)} (mean {args.max_tokens}), "
+        "temperature 0.8\n"
     )
     print("| clients | server | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
