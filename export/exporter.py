@@ -100,7 +100,9 @@ def genai_stop_id(tokenizer: Tokenizer) -> int:
     without an end token inside the vocabulary, and a char model has none: it gets the
     highest id (the character with the highest code point, usually a rare one), so genai
     stops a char model only if it draws that character — never at a newline, which is the
-    start token. Every other client writes a char model's full length.
+    start token. Every other client writes a char model's full length. (Checked: genai
+    rejects null and out-of-range ids; an empty ``eos_token_id`` list makes it fall back to
+    ``pad_token_id`` as the end token, so it does not mean "none" either.)
     """
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.vocab_size - 1
 
