@@ -7,6 +7,9 @@
 * :mod:`mlxgpt_export.parity`: the check at export time against a small numpy forward pass.
 * :mod:`mlxgpt_export.runtime` loads an export folder into onnxruntime and generates text
   (numpy, onnxruntime and tokenizers only).
+* :mod:`mlxgpt_export.batching`: continuous batching of many generations over the runtime's
+  ``forward`` (each request gets the tokens it gets alone).
+* :mod:`mlxgpt_export.server`: the OpenAI-compatible HTTP server (``mlxgpt-ort serve``).
 * :mod:`mlxgpt_export.cli` is the ``mlxgpt-ort`` command (also ``python -m mlxgpt_export``).
 * :mod:`mlxgpt_export.errors`: :class:`~mlxgpt_export.errors.ExportError` and its subclasses.
 """

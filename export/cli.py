@@ -5,6 +5,7 @@
     mlxgpt-ort generate OUT_DIR --prompt "ROMEO:" --max-tokens 100 --seed 1   # streams
     mlxgpt-ort generate OUT_DIR --prompts-file prompts.txt    # one prompt a line, one batch
     mlxgpt-ort info OUT_DIR                                   # config, metadata, parity
+    mlxgpt-ort serve OUT_DIR --port 8000                      # OpenAI-compatible HTTP server
 
 The sampling options are those of ``mlxgpt generate``; an option not given takes its value
 from the folder's ``generation_config.json``. The same settings and seed give the same
@@ -23,11 +24,14 @@ from pathlib import Path
 from mlxgpt import __version__
 from mlxgpt.cli import (
     add_sampling_args,
+    float_in,
+    non_negative_int,
     note_long_prompts,
     positive_int,
     run_command,
     sampling_params,
 )
+from mlxgpt_export.batching import Limits
 from mlxgpt_export.errors import ExportError
 from mlxgpt_export.runtime import OnnxGPT
 
@@ -79,6 +83,110 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mlxgpt_export.server import serve  # the HTTP stack only when serving
+
+    limits = Limits(
+        max_batch=args.max_batch,
+        max_queue=args.max_queue,
+        max_tokens=args.max_tokens_cap,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_prompts=args.max_prompts,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+    )
+    return serve(
+        args.folder,
+        args.host,
+        args.port,
+        limits,
+        model_id=args.model_name,
+        threads=args.threads,
+        shutdown_timeout=args.shutdown_timeout,
+        log_level=args.log_level,
+    )
+
+
+def add_serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve the model over HTTP with OpenAI's completions API",
+        description="An OpenAI-compatible server (POST /v1/completions, GET /v1/models, "
+        "GET /health) with continuous batching. Settings a request omits come from the "
+        "folder's generation_config.json. SIGTERM shuts down gracefully (exit status 0).",
+    )
+    defaults = Limits()
+    p.add_argument("folder", help="an export folder written by `mlxgpt export`")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default: %(default)s)"
+    )
+    p.add_argument(
+        "--port",
+        type=non_negative_int,
+        default=8000,
+        help="port; 0 = any free one (default: %(default)s)",
+    )
+    p.add_argument("--model-name", help="the model id clients use (default: the folder's name)")
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=defaults.max_batch,
+        help="generations decoded together; 1 = no batching (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=non_negative_int,
+        default=defaults.max_queue,
+        help="generations waiting for a batch slot before new requests get 503 "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-tokens-cap",
+        type=non_negative_int,
+        default=defaults.max_tokens,
+        help="largest max_tokens a request may ask for (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-prompt-tokens",
+        type=positive_int,
+        default=defaults.max_prompt_tokens,
+        help="longer prompts are refused; shorter ones keep their last block_size tokens "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-prompts",
+        type=positive_int,
+        default=defaults.max_prompts,
+        help="prompts in one request (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=defaults.max_body_bytes,
+        help="larger request bodies get 413 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=defaults.max_connections,
+        help="open connections before uvicorn answers 503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float_in(0.0, 3600.0),
+        default=10.0,
+        help="seconds in-flight requests get to finish after SIGTERM (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn's log level; info logs every request (default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mlxgpt-ort",
@@ -102,6 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="show an export's config, metadata and parity figures")
     p.add_argument("folder")
     p.set_defaults(func=cmd_info)
+    add_serve_parser(sub)
     return parser
 
 

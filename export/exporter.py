@@ -54,7 +54,12 @@ from mlxgpt.checkpoint import (
     write_json,
 )
 from mlxgpt.config import GPTConfig
-from mlxgpt.hf_config import gpt2_config
+from mlxgpt.hf_config import (
+    generation_config,
+    hf_model_config,
+    special_tokens_map,
+    tokenizer_config,
+)
 from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
@@ -88,15 +93,6 @@ EXPORT_ENTRIES = (
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
 
 
-def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
-    """``bos``/``eos``/``pad`` ids for Hugging Face files: start token, end token, end token."""
-    return {
-        "bos_token_id": tokenizer.start_id,  # what an empty prompt starts from
-        "eos_token_id": tokenizer.eos_id,  # None for char models: nothing ends a text
-        "pad_token_id": tokenizer.eos_id,  # padding is masked; GPT-2's convention
-    }
-
-
 def genai_stop_id(tokenizer: Tokenizer) -> int:
     """The ``eos_token_id`` (and ``pad_token_id``) of ``genai_config.json``.
 
@@ -104,59 +100,16 @@ def genai_stop_id(tokenizer: Tokenizer) -> int:
     without an end token inside the vocabulary, and a char model has none: it gets the
     highest id (the character with the highest code point, usually a rare one), so genai
     stops a char model only if it draws that character — never at a newline, which is the
-    start token. Every other client writes a char model's full length.
+    start token. Every other client writes a char model's full length. (Checked: genai
+    rejects null and out-of-range ids; an empty ``eos_token_id`` list makes it fall back to
+    ``pad_token_id`` as the end token, so it does not mean "none" either.)
     """
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.vocab_size - 1
 
 
 def model_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     """``config.json``: GPT-2's keys for the clients, mlxgpt's GPTConfig for mlxgpt-ort."""
-    return {
-        **gpt2_config(config),
-        **special_token_ids(tokenizer),
-        MLXGPT_KEY: dataclasses.asdict(config),
-        "mlxgpt_version": mlxgpt.__version__,
-    }
-
-
-def generation_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``generation_config.json``: the library's sampling defaults, in Hugging Face keys."""
-    return {
-        **special_token_ids(tokenizer),
-        "context_length": config.block_size,
-        **sampling.to_generation_config(sampling.SamplingParams(), sampling.DEFAULT_MAX_TOKENS),
-        "prompt_longer_than_context": "keep the last context_length tokens",
-        "mlxgpt_version": mlxgpt.__version__,
-    }
-
-
-def _special_tokens(tokenizer: Tokenizer) -> dict[str, str | None]:
-    """Special-token strings: ``<|endoftext|>`` for BPE; none for char (see module docstring)."""
-    eot = None if tokenizer.eos_id is None else tokenizer.hf.id_to_token(tokenizer.eos_id)
-    return {"bos_token": eot, "eos_token": eot, "pad_token": eot, "unk_token": None}
-
-
-def tokenizer_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """``tokenizer_config.json`` for transformers, transformers.js and onnxruntime-genai.
-
-    Left padding (a batch of prompts continues each at its end), no token added to the
-    text (mlxgpt encodes a prompt as it is), only ``input_ids`` and ``attention_mask``.
-    """
-    return {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **_special_tokens(tokenizer),
-        "add_bos_token": False,
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": config.block_size,
-        "padding_side": "left",
-        "truncation_side": "left",
-        "model_input_names": [sig.INPUT_IDS, sig.ATTENTION_MASK],
-    }
-
-
-def special_tokens_map(tokenizer: Tokenizer) -> dict[str, str]:
-    return {k: v for k, v in _special_tokens(tokenizer).items() if v is not None}
+    return {**hf_model_config(config, tokenizer), MLXGPT_KEY: dataclasses.asdict(config)}
 
 
 def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:

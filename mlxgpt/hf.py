@@ -22,8 +22,9 @@ layer index or not scaled at all, cross-attention); the message names each setti
 ``reorder_and_upcast_attn`` is accepted: it only reorders float32 operations (scale
 before the product) and upcasts half precision, which mlxgpt's float32 weights never are.
 
-This module needs numpy, safetensors and tokenizers only (no MLX, no torch), so the
-MLX-free exporter can share :func:`hf_config` and :func:`tokenizer_config`.
+This module needs numpy, safetensors and tokenizers only (no MLX, no torch). The contents
+of the Hugging Face json files come from :mod:`mlxgpt.hf_config`, shared with the ONNX
+export folder.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from typing import Any
 import numpy as np
 
 import mlxgpt
-from mlxgpt import sampling
 from mlxgpt.checkpoint import (
     CheckpointError,
     expected_shapes,
@@ -52,10 +52,15 @@ from mlxgpt.checkpoint import (
 )
 from mlxgpt.config import LAYER_NORM_EPS, ConfigError, GPTConfig
 from mlxgpt.errors import UserError
+from mlxgpt.hf_config import (
+    ACTIVATIONS_FROM_HF,
+    generation_config,
+    hf_model_config,
+    special_tokens_map,
+    tokenizer_config,
+)
 from mlxgpt.tokenizer import EOT, Tokenizer, TokenizerError
 
-ACTIVATION_FROM_HF = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu"}
-ACTIVATION_TO_HF = {"gelu_tanh": "gelu_new", "gelu": "gelu"}
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 BUFFER = re.compile(r"h\.\d+\.attn\.(bias|masked_bias)")
 PREFIX = "transformer."
@@ -100,8 +105,10 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
     hf = {**HF_DEFAULTS, **hf}
     problems = []
     act = hf["activation_function"]
-    if act not in ACTIVATION_FROM_HF:
-        problems.append(f"activation_function {act!r} (supported: {', '.join(ACTIVATION_FROM_HF)})")
+    if act not in ACTIVATIONS_FROM_HF:
+        problems.append(
+            f"activation_function {act!r} (supported: {', '.join(ACTIVATIONS_FROM_HF)})"
+        )
     eps = hf["layer_norm_epsilon"]
     if not isinstance(eps, (int, float)) or not math.isclose(eps, LAYER_NORM_EPS, rel_tol=1e-6):
         problems.append(f"layer_norm_epsilon {eps} (mlxgpt uses {LAYER_NORM_EPS})")
@@ -128,75 +135,10 @@ def gpt_config_from_hf(hf: dict[str, Any]) -> GPTConfig:
             n_embd=int(hf["n_embd"]),
             dropout=float(hf["resid_pdrop"]),
             bias=True,
-            activation=ACTIVATION_FROM_HF[act],
+            activation=ACTIVATIONS_FROM_HF[act],
         )
     except (ConfigError, TypeError, ValueError) as err:
         raise HFError(f"config.json describes an invalid GPT-2: {err}") from None
-
-
-def hf_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
-    """A transformers ``GPT2LMHeadModel`` ``config.json`` that computes what ``config`` does.
-
-    ``bos_token_id`` is the token an empty prompt starts from and ``eos_token_id`` the one
-    that ends a text, as in mlxgpt: ``<|endoftext|>`` for both in BPE models; character
-    models start from the newline and have no end token (written as null, because
-    transformers would otherwise assume GPT-2's 50256).
-    """
-    return {
-        "architectures": ["GPT2LMHeadModel"],
-        "model_type": "gpt2",
-        "vocab_size": config.vocab_size,
-        "n_positions": config.block_size,
-        "n_embd": config.n_embd,
-        "n_layer": config.n_layer,
-        "n_head": config.n_head,
-        "n_inner": None,
-        "activation_function": ACTIVATION_TO_HF[config.activation],
-        "layer_norm_epsilon": LAYER_NORM_EPS,
-        "resid_pdrop": config.dropout,
-        "embd_pdrop": config.dropout,
-        "attn_pdrop": 0.0,
-        "initializer_range": 0.02,
-        "scale_attn_weights": True,
-        "scale_attn_by_inverse_layer_idx": False,
-        "reorder_and_upcast_attn": False,
-        "add_cross_attention": False,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        "bos_token_id": tokenizer.start_id,
-        "eos_token_id": tokenizer.eos_id,
-        "pad_token_id": None,
-        "dtype": "float32",
-        "mlxgpt_version": mlxgpt.__version__,
-    }
-
-
-def tokenizer_config(tokenizer: Tokenizer, model_max_length: int | None = None) -> dict[str, Any]:
-    """``tokenizer_config.json``: ``AutoTokenizer`` reads ``tokenizer.json`` as it is.
-
-    The generic fast-tokenizer class keeps mlxgpt's pipeline (a GPT-2 class would impose
-    its own pre-tokenizer on character models); no clean-up of spaces, so decoding gives
-    mlxgpt's text. Only ``<|endoftext|>`` is declared special: a character model's start
-    token (the newline) is ordinary text and must not be skipped when decoding.
-    """
-    values: dict[str, Any] = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "clean_up_tokenization_spaces": False,
-    }
-    if tokenizer.eos_id is not None:
-        values.update(bos_token=EOT, eos_token=EOT, unk_token=EOT)
-    if model_max_length is not None:
-        values["model_max_length"] = model_max_length
-    return values
-
-
-def generation_config(tokenizer: Tokenizer) -> dict[str, Any]:
-    """``generation_config.json``: mlxgpt's sampling defaults (:mod:`mlxgpt.sampling`)."""
-    values: dict[str, Any] = {"bos_token_id": tokenizer.start_id}
-    if tokenizer.eos_id is not None:
-        values["eos_token_id"] = tokenizer.eos_id
-    params = sampling.to_generation_config(sampling.SamplingParams(), sampling.DEFAULT_MAX_TOKENS)
-    return {**values, **params}
 
 
 # -- weights --------------------------------------------------------------------------------
@@ -384,10 +326,11 @@ def export_hf(checkpoint: str | Path, out: str | Path) -> Path:
 
     def write(tmp: Path) -> None:
         save_file(weights, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        write_json(tmp / "config.json", hf_config(config, tokenizer))
-        write_json(tmp / "generation_config.json", generation_config(tokenizer))
-        shutil.copyfile(ckpt / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
-        write_json(tmp / "tokenizer_config.json", tokenizer_config(tokenizer, config.block_size))
+        write_json(tmp / "config.json", hf_model_config(config, tokenizer))
+        write_json(tmp / "generation_config.json", generation_config(config, tokenizer))
+        tokenizer.for_clients().save(tmp / TOKENIZER_FILE)
+        write_json(tmp / "tokenizer_config.json", tokenizer_config(config, tokenizer))
+        write_json(tmp / "special_tokens_map.json", special_tokens_map(tokenizer))
 
     return write_atomic_dir(out, write)
 

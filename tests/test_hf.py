@@ -371,6 +371,7 @@ def test_export_hf_from_the_command_line(trained_ckpt, tmp_path, capsys):
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        "special_tokens_map.json",
         "tokenizer.json",
         "tokenizer_config.json",
     ]

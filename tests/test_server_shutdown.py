@@ -1,0 +1,138 @@
+"""``mlxgpt-ort serve`` as a process: no MLX/onnx imports, graceful SIGTERM, exit status 0."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server_support import char_export
+
+from mlxgpt.sampling import SamplingParams
+from mlxgpt_export.runtime import OnnxGPT
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Run the CLI in a process where the training/export-only packages cannot be imported.
+BLOCKED = ("mlx", "onnx", "safetensors", "tqdm", "matplotlib")
+LAUNCHER = f"""
+import sys
+
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {BLOCKED!r}:
+            raise ImportError(f"{{name}} is blocked in this test")
+        return None
+
+sys.meta_path.insert(0, Block())
+from mlxgpt_export.cli import main
+code = main(sys.argv[1:])
+loaded = sorted({{m.split(".")[0] for m in sys.modules}} & set({BLOCKED!r}))
+print("blocked modules loaded:", loaded, flush=True)
+sys.exit(code)
+"""
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    return char_export(tmp_path_factory.mktemp("shutdown") / "tiny")
+
+
+class ServerProcess:
+    """``mlxgpt-ort serve FOLDER --port 0 ...`` in a subprocess; knows its URL."""
+
+    def __init__(self, folder: Path, *flags: str):
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(LAUNCHER), "serve", str(folder), "--port", "0",
+             "--log-level", "warning", *flags],
+            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        line = self.proc.stdout.readline()
+        assert line.startswith("serving "), line + self.proc.stderr.read()
+        self.url = line.split(" on ")[1].split()[0].removesuffix("/v1")
+        deadline = time.monotonic() + 30
+        while True:  # the socket listens before uvicorn has started the app
+            try:
+                if httpx.get(f"{self.url}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+    def stop(self, timeout: float = 60) -> tuple[int, str, str]:
+        self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+
+def stream_lines(url: str, body: dict, lines: list[str], started: threading.Event) -> None:
+    try:
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+            for line in response.iter_lines():
+                if line:
+                    lines.append(line)
+                    started.set()
+    except httpx.HTTPError as err:  # the server cut the connection
+        lines.append(f"cut: {type(err).__name__}")
+    started.set()
+
+
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(folder: Path):
+    server = ServerProcess(folder, "--max-tokens-cap", "20000", "--shutdown-timeout", "60")
+    body = {"prompt": "ab", "max_tokens": 1000, "temperature": 1.0, "seed": 2, "stream": True}
+    lines: list[str] = []
+    started = threading.Event()
+    client = threading.Thread(target=stream_lines, args=(server.url, body, lines, started))
+    client.start()
+    assert started.wait(30)
+    assert httpx.get(f"{server.url}/health").json()["running"] == 1  # in flight
+    server.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)
+    with pytest.raises(httpx.TransportError):  # no longer accepting connections
+        httpx.get(f"{server.url}/health", timeout=5)
+    client.join(60)
+    code, out, err = server.stop()
+    assert code == 0, err
+    assert "blocked modules loaded: []" in out
+    assert lines[-1] == "data: [DONE]"
+    text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
+    model = OnnxGPT.load(folder)
+    assert text == "".join(model.generate("ab", 1000, SamplingParams(1.0, seed=2)))
+
+
+def test_sigterm_cancels_what_cannot_finish_in_time_and_exits_0(folder: Path):
+    server = ServerProcess(folder, "--max-tokens-cap", "10000000", "--shutdown-timeout", "1")
+    body = {"prompt": "ab", "max_tokens": 10_000_000, "stream": True}
+    lines: list[str] = []
+    started = threading.Event()
+    client = threading.Thread(target=stream_lines, args=(server.url, body, lines, started))
+    client.start()
+    assert started.wait(30)
+    began = time.monotonic()
+    code, out, err = server.stop(timeout=30)
+    client.join(30)
+    assert code == 0, err
+    assert time.monotonic() - began < 20
+    assert lines[-1] != "data: [DONE]"  # cut short, not passed off as complete
+
+
+def test_serve_reports_a_port_in_use(folder: Path):
+    server = ServerProcess(folder)
+    try:
+        port = server.url.rsplit(":", 1)[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "mlxgpt_export", "serve", str(folder), "--port", port],
+            cwd=REPO, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2
+        assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+        assert "Traceback" not in result.stderr
+    finally:
+        assert server.stop()[0] == 0
