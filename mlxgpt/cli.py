@@ -213,6 +213,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--resume continues a run with its own config; drop --config")
     cfg = resolve_config(args.config, overrides, args.resume)
     result = train(cfg, resume=args.resume, progress=not args.no_progress)
+    if result["rank"] != 0:
+        return 0  # one rank of a distributed run: rank 0 reports
     print(
         f"\ndone: step {result['step']} in {result['elapsed_s']:.0f}s; "
         f"train loss {result.get('train_loss', float('nan')):.4f}, "

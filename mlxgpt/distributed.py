@@ -116,9 +116,18 @@ class World:
             return grads
         return nn.average_gradients(grads, group=self.group)
 
+    def sum_float(self, value: float) -> float:
+        """The sum of ``value`` over the ranks (float32)."""
+        if self.size == 1:
+            return value
+        return _evaluated(self.all_sum(mx.array(value, dtype=mx.float32))).item()
+
     def mean(self, x: mx.array) -> mx.array:
         """The mean of ``x`` over the ranks."""
         return x if self.size == 1 else self.all_sum(x) / self.size
+
+
+SINGLE = World()  # a process on its own
 
 
 def _evaluated(x: mx.array) -> mx.array:
@@ -345,8 +354,8 @@ class Watchdog:
                 if signal.SIGTERM in os.read(self._read, 64) and not self._closed:
                     self._die(
                         f"{self.world}: stopped by SIGTERM during {self.what}. mlx.launch "
-                        "stops every rank once one of them fails: the first error above "
-                        f"says why. {self.resume_hint}",
+                        "stops every rank once one of them fails: its messages above say "
+                        f"which rank and why. {self.resume_hint}",
                         EXIT_TERMINATED,
                     )
             elif time.monotonic() >= self.deadline and not self._closed:

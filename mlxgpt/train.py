@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
 from pathlib import Path
@@ -23,6 +25,7 @@ import numpy as np
 from mlx.utils import tree_map
 from tqdm import tqdm
 
+from mlxgpt import __version__
 from mlxgpt.checkpoint import CheckpointError, read_json, resolve
 from mlxgpt.config import (
     ConfigError,
@@ -33,6 +36,19 @@ from mlxgpt.config import (
     train_config_from_dict,
 )
 from mlxgpt.data import Dataset, read_corpus
+from mlxgpt.distributed import (
+    SINGLE,
+    DistributedError,
+    StreamSampler,
+    Watchdog,
+    World,
+    check_same_run,
+    digest,
+    gather_stream_states,
+    init_world,
+    lost_peer,
+    owned_streams,
+)
 from mlxgpt.errors import UserError
 from mlxgpt.model import GPT
 from mlxgpt.model_io import load_model, load_optimizer_state, load_state, save_checkpoint
@@ -70,22 +86,30 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
 
 
 def estimate_loss(
-    model: GPT, data: Dataset, cfg: TrainConfig, split: str, mask: str = "causal"
+    model: GPT,
+    data: Dataset,
+    cfg: TrainConfig,
+    split: str,
+    mask: str = "causal",
+    world: World = SINGLE,
 ) -> float:
-    """Mean loss over ``eval_iters`` batches drawn with a fixed seed (same batches each time)."""
+    """Mean loss over ``eval_iters`` batches drawn with a fixed seed (same batches each time).
+
+    With several ranks each computes its share of the batches (batch i on rank i mod N)
+    and the sum is taken over the ranks: the same mean, N times sooner.
+    """
     rng = np.random.default_rng(cfg.seed + 1)
     was_training = model.training
     model.eval()
     losses = []
-    for _ in range(cfg.eval_iters):
+    for i in range(cfg.eval_iters):
         x, y = data.batch(split, cfg.batch_size, model.config.block_size, rng)
-        losses.append(loss_fn(model, mx.array(x), mx.array(y), mask).item())
+        if i % world.size == world.rank:
+            losses.append(loss_fn(model, mx.array(x), mx.array(y), mask).item())
     model.train(was_training)
-    return float(np.mean(losses))
-
-
-def _rng_state_to_json(rng: np.random.Generator) -> dict[str, Any]:
-    return json.loads(json.dumps(rng.bit_generator.state, default=int))
+    if world.size == 1:
+        return float(np.mean(losses))
+    return world.sum_float(sum(losses)) / cfg.eval_iters
 
 
 def _plot_losses(log_path: Path, png_path: Path) -> None:
@@ -134,11 +158,47 @@ def resolve_config(
 def train(
     cfg: TrainConfig, resume: str | None = None, progress: bool = True, quiet: bool = False
 ) -> dict[str, Any]:
-    """Run (or continue) training; returns final losses and paths."""
+    """Run (or continue) training; returns final losses and paths.
+
+    Started by a launcher (``mlx.launch``), this process is one rank of a data-parallel
+    run (see :mod:`mlxgpt.distributed`): only rank 0 prints, logs and writes checkpoints,
+    and a lost or hung peer ends the rank with a :class:`DistributedError`.
+    """
+    world = init_world(cfg.dist_timeout)
+    if world.size == 1:
+        return _train(cfg, resume, progress, quiet, world, lambda what: None)
+    hint = (
+        f"To continue from the last checkpoint, run the same mlx.launch command with "
+        f"--resume {cfg.out_dir} (on every machine, OUT_DIR/ckpt must be that checkpoint)."
+    )
+    with Watchdog(world, cfg.dist_timeout, hint) as watchdog:
+        try:
+            return _train(
+                cfg,
+                resume,
+                progress and world.is_main,
+                quiet or not world.is_main,
+                world,
+                watchdog.beat,
+            )
+        except RuntimeError as err:
+            converted = lost_peer(err, world, watchdog.what, hint)
+            if converted is err:
+                raise
+            raise converted from None
+
+
+def _train(
+    cfg: TrainConfig,
+    resume: str | None,
+    progress: bool,
+    quiet: bool,
+    world: World,
+    beat: Callable[[str], None],
+) -> dict[str, Any]:
     out_dir = Path(cfg.out_dir)
     say = (lambda *a: None) if quiet else print
     mx.random.seed(cfg.seed)
-    data_rng = np.random.default_rng(cfg.seed)
     texts = read_corpus(cfg.data)
     if resume is not None:
         model, tokenizer, ckpt = load_model(resume)
@@ -149,7 +209,6 @@ def train(
             )
         state = load_state(ckpt)
         step = int(state["step"])
-        data_rng.bit_generator.state = state["data_rng"]
         best_val = float(state.get("best_val_loss", math.inf))
         say(f"resuming {ckpt} at step {step}")
     else:
@@ -158,11 +217,21 @@ def train(
         else:
             tokenizer = Tokenizer.train_bpe(texts, cfg.bpe_vocab_size)
         model = GPT(replace(cfg.model, vocab_size=tokenizer.vocab_size))
-        step, best_val = 0, math.inf
-    cfg = replace(cfg, model=model.config)
+        step, best_val, state = 0, math.inf, {}
+    n_streams = data_streams(cfg, state, world)
+    cfg = replace(cfg, model=model.config, data_streams=n_streams)
+    if not world.is_main:
+        world.barrier()  # rank 0 writes the token cache first; on its machine, reuse it
     data = Dataset.prepare(
         texts, tokenizer, out_dir / "data", cfg.val_fraction, cfg.model.block_size
     )
+    if world.is_main:
+        world.barrier()
+    sampler = StreamSampler(
+        data, cfg.batch_size, cfg.model.block_size, cfg.seed, owned_streams(n_streams, world)
+    )
+    if resume is not None:
+        sampler.set_states(state.get("data_streams") or [state["data_rng"]])
     if cfg.dtype == "bfloat16":
         model.set_dtype(mx.bfloat16)
     model.train()
@@ -171,6 +240,16 @@ def train(
     optimizer.init(model.trainable_parameters())
     if resume is not None:
         load_optimizer_state(ckpt, optimizer)
+    model.update(world.broadcast(model.parameters()))  # identical replicas, whatever the RNG
+    mx.eval(model.parameters())
+    check_same_run(
+        world,
+        step=step,
+        config=digest(cfg.to_dict()),
+        data=data.meta.get("key"),
+        mlxgpt=__version__,
+        mlx=mx.__version__,
+    )
     mask = "causal" if cfg.causal_mask else "none"
     loss_and_grad = nn.value_and_grad(model, partial(loss_fn, mask=mask))
     train_state = [model.state, optimizer.state, mx.random.state]
@@ -182,22 +261,25 @@ def train(
             loss, g = loss_and_grad(model, x[i], y[i])
             total_loss = loss if total_loss is None else total_loss + loss
             grads = g if grads is None else tree_map(mx.add, grads, g)
-        grads = tree_map(lambda g: g / cfg.grad_accum, grads)
+        grads = world.average_gradients(tree_map(lambda g: g / cfg.grad_accum, grads))
         if cfg.grad_clip > 0:
             grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
         else:
             norm = mx.array(0.0)
         optimizer.update(model, grads)
-        return total_loss / cfg.grad_accum, norm
+        return world.mean(total_loss / cfg.grad_accum), norm
 
     if cfg.compile:
         update = mx.compile(update, inputs=train_state, outputs=train_state)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
-    _truncate_log(log_path, step)
+    if world.is_main:
+        _truncate_log(log_path, step)
     last = cfg.stop_at if 0 < cfg.stop_at < cfg.max_iters else cfg.max_iters
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    tokens_per_step = n_streams * cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    if world.size > 1:
+        say(f"data parallel: {world.size} ranks, {n_streams} data streams")
     n_params = model.num_params()
     say(
         f"model: {n_params / 1e6:.2f}M parameters (excluding position embeddings), "
@@ -211,6 +293,9 @@ def train(
 
     def checkpoint(step: int, probe: tuple[mx.array, mx.array]) -> None:
         """Save, unless the current weights already produce a NaN/inf loss."""
+        streams = gather_stream_states(sampler, world)  # every rank takes part
+        if not world.is_main:
+            return
         probe_loss = loss_fn(model, *probe, mask=mask).item()
         if not math.isfinite(probe_loss):
             raise TrainingDiverged(
@@ -228,7 +313,8 @@ def train(
             state={
                 "step": step,
                 "best_val_loss": best_val,
-                "data_rng": _rng_state_to_json(data_rng),
+                "data_rng": streams[0],
+                **({"data_streams": streams} if n_streams > 1 else {}),
             },
         )
 
@@ -236,16 +322,13 @@ def train(
     losses: list[float] = []
     bar = tqdm(total=last, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
-    with open(log_path, "a", encoding="utf-8") as log:
+    with open(log_path if world.is_main else os.devnull, "a", encoding="utf-8") as log:
         while step < last:
+            beat(f"step {step + 1}")
             t0 = time.perf_counter()
-            batches = [
-                data.batch("train", cfg.batch_size, cfg.model.block_size, data_rng)
-                for _ in range(cfg.grad_accum)
-            ]
-            x = mx.array(np.stack([b[0] for b in batches]))
-            y = mx.array(np.stack([b[1] for b in batches]))
-            mx.random.seed(cfg.seed * 1_000_003 + step)  # dropout noise depends on the step only
+            x, y = (mx.array(a) for a in sampler.next(cfg.grad_accum))
+            # dropout noise depends on the step (and the rank) only
+            mx.random.seed((cfg.seed * 1_000_003 + step) * world.size + world.rank)
             loss, norm = update(x, y)
             mx.eval(loss, norm, train_state)
             lr = optimizer.learning_rate.item()  # the rate this step used
@@ -273,8 +356,9 @@ def train(
             bar.update(1)
             evaluate = step % cfg.eval_interval == 0 or step == last
             if evaluate:
-                train_loss = estimate_loss(model, data, cfg, "train")
-                val_loss = estimate_loss(model, data, cfg, "val")
+                beat(f"the evaluation at step {step}")
+                train_loss = estimate_loss(model, data, cfg, "train", world=world)
+                val_loss = estimate_loss(model, data, cfg, "val", world=world)
                 best_val = min(best_val, val_loss)
                 log.write(
                     json.dumps({"step": step, "train_loss": train_loss, "val_loss": val_loss})
@@ -285,12 +369,13 @@ def train(
                     bar.write(f"step {step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}")
                 result.update(train_loss=train_loss, val_loss=val_loss)
             if step % cfg.ckpt_interval == 0 or step == last:
+                beat(f"the checkpoint at step {step}")
                 log.flush()
                 checkpoint(step, (x[0], y[0]))
     bar.close()
     elapsed = time.perf_counter() - t_start
     png = out_dir / "loss.png"
-    if log_path.stat().st_size:
+    if world.is_main and log_path.stat().st_size:
         _plot_losses(log_path, png)
     result.update(
         step=step,
@@ -303,8 +388,24 @@ def train(
         model=model,
         tokenizer=tokenizer,
         data=data,
+        rank=world.rank,
     )
     return result
+
+
+def data_streams(cfg: TrainConfig, state: dict[str, Any], world: World) -> int:
+    """How many data streams the run draws from: fixed by the checkpoint when resuming
+    (``data_streams`` states, or one ``data_rng``), else ``cfg.data_streams`` or one per
+    rank. Every rank must own the same number of them (:func:`owned_streams` checks)."""
+    if not state:
+        return cfg.data_streams or world.size
+    saved = len(state.get("data_streams") or [state["data_rng"]])
+    if cfg.data_streams not in (0, saved):
+        raise DistributedError(
+            f"the checkpoint's run draws from {saved} data stream(s); data_streams cannot "
+            f"change when resuming (drop data_streams={cfg.data_streams})"
+        )
+    return saved
 
 
 def _truncate_log(log_path: Path, step: int) -> None:

@@ -27,13 +27,13 @@ import sys
 import time
 from pathlib import Path
 
+import mlxgpt  # noqa: F401  (the fast BLAS is bound before the worker imports MLX)
+
 HERE = Path(__file__).resolve()
 
 
 def worker(args: argparse.Namespace) -> None:
     """One rank (or the single process): time ``args.steps`` training steps."""
-    import mlxgpt  # noqa: F401  (the fast BLAS, before MLX)
-
     import mlx.core as mx
     import numpy as np
 

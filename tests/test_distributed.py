@@ -21,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import tiny_train_config
 
 from mlxgpt.checkpoint import read_weights, resolve
 from mlxgpt.distributed import (
@@ -243,3 +242,116 @@ def test_streams_are_shared_evenly_or_refused():
     assert owned_streams(4, World(1, 2)) == range(2, 4)
     with pytest.raises(DistributedError, match="divides 1"):
         owned_streams(1, World(1, 2))
+
+
+# -- launched runs ---------------------------------------------------------------------------------
+def train_in_process(corpus: Path, out: Path, **extra: object):
+    """The single-process reference, through the same argument parsing as the CLI."""
+    from mlxgpt.config import merge, parse_overrides
+
+    args = tiny_args(corpus, out, **extra)
+    overrides = merge(parse_overrides(args[6:]), {"data": str(corpus), "out_dir": str(out)})
+    return train(resolve_config(None, overrides, None), progress=False, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def two_ranks(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """A 6-step run on 2 ranks (checkpoints at steps 3 and 6), and its output."""
+    out = tmp_path_factory.mktemp("dp") / "run"
+    return out, launch(2, tiny_args(corpus_file, out, sample_tokens=20))
+
+
+def test_two_ranks_equal_one_process_owning_both_data_streams(two_ranks, corpus_file, tmp_path):
+    out, output = two_ranks
+    single = tmp_path / "single"
+    train_in_process(corpus_file, single, data_streams=2)
+    assert_same_weights(out, single, atol=1e-5)
+    dp, ref = log_records(out), log_records(single)
+    assert [r["step"] for r in dp] == [r["step"] for r in ref] == [1, 2, 3, 3, 4, 5, 6, 6]
+    for a, b in zip(dp, ref, strict=True):  # losses: the mean over both ranks' windows
+        for key in ("loss", "val_loss", "train_loss"):
+            if key in a:
+                assert a[key] == pytest.approx(b[key], abs=1e-5), (a, b)
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert len(state["data_streams"]) == 2 and state["data_rng"] == state["data_streams"][0]
+    # rank 0 alone reports: one summary, one sample, one description of the run
+    assert output.count("done: step 6") == 1 and output.count("--- sample") == 1
+    assert output.count("data parallel: 2 ranks, 2 data streams") == 1
+    assert "256 tokens per step" in output  # 2 ranks x 4 windows x 32 tokens
+
+
+def test_two_ranks_differ_from_one_stream(two_ranks, corpus_file, tmp_path):
+    """The two ranks do not draw the same windows (that would train on one stream twice)."""
+    single = tmp_path / "single"
+    train_in_process(corpus_file, single, batch_size=8)
+    assert log_records(single)[0]["loss"] != pytest.approx(log_records(two_ranks[0])[0]["loss"])
+
+
+def test_resume_on_two_ranks_and_on_one_process(two_ranks, corpus_file, tmp_path):
+    full, _ = two_ranks
+    half = tmp_path / "half"
+    launch(2, tiny_args(corpus_file, half, stop_at=3))
+    assert json.loads((half / "ckpt" / "state.json").read_text())["step"] == 3
+    one = tmp_path / "one"
+    shutil.copytree(half, one)
+    output = launch(2, ["train", "--resume", str(half), "--no-progress"])
+    assert "resuming" in output and output.count("done: step 6") == 1
+    assert_same_weights(half, full, atol=1e-6)
+    assert [r["step"] for r in log_records(half)] == [1, 2, 3, 3, 4, 5, 6, 6]
+    # the same run continued by one process that draws both streams
+    cfg = resolve_config(None, {"out_dir": str(one)}, str(one))
+    train(cfg, resume=str(one), progress=False, quiet=True)
+    assert_same_weights(one, full, atol=1e-5)
+
+
+def test_resume_refuses_ranks_that_cannot_share_the_streams(trained_ckpt, tmp_path):
+    """A single-process run (one stream) cannot be split over 2 ranks: a clear error."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_ckpt.parent, run)
+    output = launch(2, ["train", "--resume", str(run), "--no-progress", "max_iters=60"])
+    assert "error:" in output and "1 data stream(s)" in output and "divides 1" in output
+    assert "Traceback" not in output
+    assert json.loads((run / "ckpt" / "state.json").read_text())["step"] == 40  # untouched
+
+
+def test_a_killed_rank_stops_the_other_with_a_message(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    proc = start(2, tiny_args(corpus_file, out, max_iters=100_000, eval_interval=100_000))
+    wait_for_steps(out, 3, proc)
+    os.kill(rank_pid(proc, 1), signal.SIGKILL)
+    killed_at = time.monotonic()
+    output = finish(proc, timeout=60)
+    assert time.monotonic() - killed_at < 30, output
+    # rank 0 sees the lost connection (or the launcher's SIGTERM) and says what to do
+    assert "error: rank 0 of 2:" in output, output
+    assert "lost the connection to another rank" in output or "stopped by SIGTERM" in output
+    assert f"--resume {out}" in output
+
+
+def test_a_hung_rank_is_caught_by_the_watchdog(corpus_file, tmp_path):
+    out = tmp_path / "run"
+    args = tiny_args(corpus_file, out, max_iters=100_000, eval_interval=100_000, dist_timeout=8)
+    proc = start(2, args)
+    wait_for_steps(out, 3, proc)
+    hung = rank_pid(proc, 1)
+    rank0 = rank_pid(proc, 0)
+    os.kill(hung, signal.SIGSTOP)  # alive but silent: no socket closes, MLX waits for ever
+    stopped_at = time.monotonic()
+    try:
+        while _alive(rank0) and time.monotonic() - stopped_at < 40:
+            time.sleep(0.2)
+        waited = time.monotonic() - stopped_at
+    finally:
+        os.kill(hung, signal.SIGKILL)  # a stopped process ignores the launcher's SIGTERM
+    output = finish(proc, timeout=60)
+    assert 7 < waited < 30, output
+    assert "error: rank 0 of 2: no progress for 8 s during step" in output, output
+    assert "raise dist_timeout" in output and f"--resume {out}" in output
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
