@@ -85,6 +85,36 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     )
 
 
+def make_step_fn(
+    model: GPT, optimizer: optim.Optimizer, cfg: TrainConfig, world: World = SINGLE
+) -> Callable[[mx.array, mx.array], tuple[mx.array, mx.array]]:
+    """``step(x, y) -> (loss, grad_norm)``: one optimizer step over ``grad_accum``
+    micro-batches stacked on axis 0, compiled when ``cfg.compile``. With several ranks the
+    gradients and the loss are averaged over the ranks inside the step (one ``all_sum``
+    of all gradients), so every rank applies the same update."""
+    mask = "causal" if cfg.causal_mask else "none"
+    loss_and_grad = nn.value_and_grad(model, partial(loss_fn, mask=mask))
+
+    def update(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
+        total_loss, grads = None, None
+        for i in range(cfg.grad_accum):
+            loss, g = loss_and_grad(model, x[i], y[i])
+            total_loss = loss if total_loss is None else total_loss + loss
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+        grads = world.average_gradients(tree_map(lambda g: g / cfg.grad_accum, grads))
+        if cfg.grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
+        else:
+            norm = mx.array(0.0)
+        optimizer.update(model, grads)
+        return world.mean(total_loss / cfg.grad_accum), norm
+
+    if cfg.compile:
+        state = [model.state, optimizer.state, mx.random.state]
+        update = mx.compile(update, inputs=state, outputs=state)
+    return update
+
+
 def estimate_loss(
     model: GPT,
     data: Dataset,
@@ -251,26 +281,8 @@ def _train(
         mlx=mx.__version__,
     )
     mask = "causal" if cfg.causal_mask else "none"
-    loss_and_grad = nn.value_and_grad(model, partial(loss_fn, mask=mask))
+    update = make_step_fn(model, optimizer, cfg, world)
     train_state = [model.state, optimizer.state, mx.random.state]
-
-    def update(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
-        """One optimizer step over ``grad_accum`` micro-batches stacked on axis 0."""
-        total_loss, grads = None, None
-        for i in range(cfg.grad_accum):
-            loss, g = loss_and_grad(model, x[i], y[i])
-            total_loss = loss if total_loss is None else total_loss + loss
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-        grads = world.average_gradients(tree_map(lambda g: g / cfg.grad_accum, grads))
-        if cfg.grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, cfg.grad_clip)
-        else:
-            norm = mx.array(0.0)
-        optimizer.update(model, grads)
-        return world.mean(total_loss / cfg.grad_accum), norm
-
-    if cfg.compile:
-        update = mx.compile(update, inputs=train_state, outputs=train_state)
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"

@@ -355,3 +355,18 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_bench_distributed_smoke(capsys):
+    """scripts/bench_distributed.py on a tiny model: both rows, the ratio, a real all-reduce."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_distributed.py"
+    spec = importlib.util.spec_from_file_location("bench_distributed", script)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    tiny = "--repeats 1 --steps 2 --warmup 1 --n-layer 1 --n-head 2 --n-embd 16 --block-size 16"
+    rows = bench.main([*tiny.split(), "--batch-size", "2", "--timeout", str(RUN_TIMEOUT_S)])
+    assert [r["ranks"] for r in rows] == [1, 2]
+    assert all(r["tok_s"] > 0 for r in rows) and rows[0]["comm_ms"] == 0 < rows[1]["comm_ms"]
+    assert "scaling: 2 ranks give" in capsys.readouterr().out
