@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -146,18 +147,24 @@ def run_once(ranks: int, args: argparse.Namespace) -> dict:
             *command,
         ]
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
-    proc = subprocess.run(
+    proc = subprocess.Popen(
         command,
         stdin=subprocess.DEVNULL,
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        timeout=args.timeout,
+        start_new_session=True,  # the launcher and its ranks: one process group
     )
-    for line in proc.stdout.splitlines():
+    try:
+        out, _ = proc.communicate(timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"{ranks} rank(s) hung for {args.timeout} s") from None
+    for line in out.splitlines():
         if line.startswith("RESULT "):
             return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"no result from {ranks} rank(s):\n{proc.stdout}\n{proc.stderr}")
+    raise RuntimeError(f"no result from {ranks} rank(s):\n{out}")
 
 
 WORKER_OPTIONS = ("steps", "warmup", "n_layer", "n_head", "n_embd", "block_size", "batch_size")

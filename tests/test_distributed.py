@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 
 from mlxgpt.checkpoint import read_weights, resolve
@@ -136,21 +137,15 @@ def launch(n: int, args: list[str], timeout: float = RUN_TIMEOUT_S) -> str:
 
 
 def rank_pid(launcher: subprocess.Popen, rank: int, timeout: float = 60) -> int:
-    """The pid of the python process running ``rank`` under ``launcher`` (Linux /proc)."""
+    """The pid of the python process running ``rank`` under ``launcher``."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
+        for child in psutil.Process(launcher.pid).children(recursive=True):
             try:
-                if os.getpgid(int(entry.name)) != launcher.pid:
-                    continue
-                environ = (entry / "environ").read_bytes().split(b"\0")
-                cmdline = (entry / "cmdline").read_bytes()
-            except (OSError, ProcessLookupError):
+                if child.environ().get("MLX_RANK") == str(rank) and "mlxgpt" in child.cmdline():
+                    return child.pid
+            except psutil.Error:
                 continue
-            if f"MLX_RANK={rank}".encode() in environ and b"mlxgpt" in cmdline:
-                return int(entry.name)
         time.sleep(0.2)
     raise AssertionError(f"rank {rank} never started")
 
@@ -351,10 +346,9 @@ def test_a_hung_rank_is_caught_by_the_watchdog(corpus_file, tmp_path):
 
 def _alive(pid: int) -> bool:
     try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
-    return state != "Z"
 
 
 def test_bench_distributed_smoke(capsys):
