@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,9 @@ from mlxgpt_export.runtime import (
 )
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
+# Every entry an export folder may hold: `--force` replaces a folder only if all its entries
+# are in this list and it carries mlxgpt's mark (or it is empty). Add new files here.
+EXPORT_ENTRIES = frozenset((MODEL_FILE, CONFIG_FILE, TOKENIZER_FILE, GENERATION_FILE))
 
 
 def generation_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
@@ -63,15 +67,32 @@ def generation_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]
     }
 
 
+def is_export_folder(folder: Path) -> bool:
+    """True if ``folder`` holds only files an export writes and carries mlxgpt's mark
+    (``mlxgpt_version`` in its generation_config.json)."""
+    if not set(os.listdir(folder)) <= EXPORT_ENTRIES:
+        return False
+    try:
+        generation = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(generation, dict) and "mlxgpt_version" in generation
+
+
 def _check_out_dir(out: Path, ckpt: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder: choose another OUT_DIR")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"{out} is a file or a link, not a folder: choose another OUT_DIR")
     out_abs, ckpt_abs = out.resolve(), ckpt.resolve()
     if out_abs == ckpt_abs or out_abs in ckpt_abs.parents:
         raise ExportError(
             f"OUT_DIR {out} would replace the checkpoint {ckpt} itself: choose another folder"
+        )
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: pass --force to replace it")
+    if out.exists() and os.listdir(out) and not is_export_folder(out):
+        raise ExportError(
+            f"{out} is not an mlxgpt export folder (it holds other files): --force replaces "
+            "only a previous export or an empty folder. Choose another OUT_DIR."
         )
 
 

@@ -66,7 +66,7 @@ def test_resumed_run_reaches_the_same_losses(corpus_file, tmp_path):
         progress=False,
         quiet=True,
     )
-    assert first["step"] == 12
+    assert first.step == 12
     cfg = resolve_config(None, {}, resume=str(tmp_path / "b"))  # as `mlxgpt train --resume`
     assert cfg.stop_at == 0 and cfg.max_iters == 30
     rest = train(
@@ -75,11 +75,11 @@ def test_resumed_run_reaches_the_same_losses(corpus_file, tmp_path):
         progress=False,
         quiet=True,
     )
-    assert rest["start_step"] == 12 and rest["step"] == 30
-    np.testing.assert_allclose(first["losses"] + rest["losses"], full["losses"], rtol=1e-5)
-    assert rest["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
-    a = read_weights(resolve(tmp_path / "a"), full["model"].config)
-    b = read_weights(resolve(tmp_path / "b"), full["model"].config)
+    assert rest.start_step == 12 and rest.step == 30
+    np.testing.assert_allclose(first.losses + rest.losses, full.losses, rtol=1e-5)
+    assert rest.val_loss == pytest.approx(full.val_loss, rel=1e-5)
+    a = read_weights(resolve(tmp_path / "a"), full.model.config)
+    b = read_weights(resolve(tmp_path / "b"), full.model.config)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5)
 
@@ -213,8 +213,8 @@ def test_folder_of_text_files_and_bpe(tmp_path, corpus_file):
         progress=False,
         quiet=True,
     )
-    assert result["tokenizer"].kind == "bpe" and result["model"].config.vocab_size == 300
-    assert math.isfinite(result["val_loss"])
+    assert result.tokenizer.kind == "bpe" and result.model.config.vocab_size == 300
+    assert math.isfinite(result.val_loss)
 
 
 def test_gradient_accumulation_equals_one_big_batch(corpus_file, tmp_path):
@@ -229,9 +229,9 @@ def test_gradient_accumulation_equals_one_big_batch(corpus_file, tmp_path):
         progress=False,
         quiet=True,
     )
-    np.testing.assert_allclose(accum["losses"], big["losses"], rtol=1e-5)
-    a = read_weights(resolve(tmp_path / "big"), big["model"].config)
-    b = read_weights(resolve(tmp_path / "acc"), big["model"].config)
+    np.testing.assert_allclose(accum.losses, big.losses, rtol=1e-5)
+    a = read_weights(resolve(tmp_path / "big"), big.model.config)
+    b = read_weights(resolve(tmp_path / "acc"), big.model.config)
     for name in a:
         np.testing.assert_allclose(a[name], b[name], atol=1e-5)
 
