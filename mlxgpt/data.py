@@ -35,7 +35,7 @@ from mlxgpt.checkpoint import write_atomic_dir
 from mlxgpt.errors import UserError
 from mlxgpt.tokenizer import Tokenizer
 
-READ_BYTES = 1 << 19  # corpus piece size: bounds the memory of encoding (~200 B/char in BPE)
+READ_BYTES = 1 << 17  # corpus piece size: bounds the memory of encoding (~200 B/char in BPE)
 CACHE_FORMAT = 2
 TOKENS_FILE, META_FILE = "tokens.bin", "meta.json"
 # what an mlxgpt data cache folder may hold (train.bin/val.bin: the format before 2)
@@ -156,7 +156,7 @@ def encode_pieces(tokenizer: Tokenizer, pieces: Iterable[str]) -> Iterator[np.nd
         if keep == 0:
             carry = text  # too few words to know where one safely ends: read on
             continue
-        carry = text[encoding.offsets[keep][0] :]
+        carry = text[encoding.token_to_chars(keep)[0] :]
         yield np.array(encoding.ids[:keep], dtype=np.int64)
     if carry:
         yield np.array(tokenizer.encode(carry), dtype=np.int64)
@@ -174,18 +174,20 @@ def _cut_special(text: str, specials: list[str]) -> int:
 
 def _safe_prefix(encoding: Any, limit: int) -> int:
     """How many tokens of ``encoding`` come out the same whatever text follows: the words
-    before the last two, and before any word reaching ``limit``."""
-    words = [w if w is not None else -1 for w in encoding.word_ids]
-    if not words:
+    before the last two, and before any word reaching ``limit``. Looks at the tail only."""
+
+    def word(i: int) -> int:
+        w = encoding.token_to_word(i)
+        return -1 if w is None else w
+
+    i = len(encoding) - 1
+    if i < 0:
         return 0
-    cut_word = max(words) - 1
-    for i, (_, end) in enumerate(encoding.offsets):
-        if end > limit:
-            cut_word = min(cut_word, words[i])
-            break
-    if cut_word < 1:
-        return 0
-    return next(i for i, w in enumerate(words) if w >= cut_word)
+    cut_word = word(i) - 1
+    while i >= 0 and (word(i) >= cut_word or encoding.token_to_chars(i)[1] > limit):
+        cut_word = min(cut_word, word(i))
+        i -= 1
+    return i + 1 if cut_word >= 1 else 0
 
 
 def _encode_chars(

@@ -537,6 +537,7 @@ def train(
     cfg: TrainConfig,
     resume: str | Path | None = None,
     init_from: str | Path | None = None,
+    *,
     overwrite: bool = False,
     progress: bool = True,
     quiet: bool = False,
