@@ -25,7 +25,7 @@ import codecs
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -62,6 +62,7 @@ class Corpus:
 
     def __init__(self, path: str | Path):
         self.path = resolve_data_path(path)
+        self._fingerprint: str | None = None
         if self.path.is_dir():
             self.files = sorted(p for p in self.path.rglob("*.txt") if p.is_file())
             if not self.files:
@@ -73,7 +74,7 @@ class Corpus:
                 f"data path {self.path} does not exist: pass a .txt file or a folder of them"
             )
 
-    def read(self, file: Path, on_bytes: Any = None) -> Iterator[str]:
+    def read(self, file: Path, on_bytes: Callable[[bytes], object] | None = None) -> Iterator[str]:
         """The text of one file in pieces; ``on_bytes(chunk)`` sees the raw bytes."""
         decoder = codecs.getincrementaldecoder("utf-8")()
         offset = 0
@@ -110,17 +111,19 @@ class Corpus:
             yield from document
 
     def fingerprint(self) -> str:
-        """SHA-256 of every file's name-independent length and bytes, read once; also
-        checks that the corpus is readable text and not empty."""
-        digest = hashlib.sha256()
-        has_text = False
-        for file in self.files:
-            digest.update(f"\0file {file.stat().st_size}\0".encode())
-            for piece in self.read(file, on_bytes=digest.update):
-                has_text = has_text or not piece.isspace()
-        if not has_text:
-            raise DataError(f"{self.path} is empty: training needs some text")
-        return digest.hexdigest()
+        """SHA-256 of every file's length and bytes (not its name), read once (then
+        remembered); also checks that the corpus is readable text and not empty."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            has_text = False
+            for file in self.files:
+                digest.update(f"\0file {file.stat().st_size}\0".encode())
+                for piece in self.read(file, on_bytes=digest.update):
+                    has_text = has_text or not piece.isspace()
+            if not has_text:
+                raise DataError(f"{self.path} is empty: training needs some text")
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
 
 # -- encoding in pieces ---------------------------------------------------------------------
@@ -278,12 +281,14 @@ class Dataset:
         directory: str | Path,
         val_fraction: float,
         block_size: int,
-        fingerprint: str | None = None,
+        clean_stale: bool = False,
     ) -> Dataset:
         """The token cache of ``corpus`` in ``directory``: reused when sound and current,
-        otherwise (re)built; then checked to hold one window per split."""
+        otherwise (re)built; then checked to hold one window per split. ``clean_stale``:
+        also remove what a crashed earlier build left (only while holding the out_dir lock).
+        """
         directory = Path(directory)
-        key = cache_key(fingerprint or corpus.fingerprint(), tokenizer, val_fraction)
+        key = cache_key(corpus.fingerprint(), tokenizer, val_fraction)
         data = cls.load(directory, key, tokenizer.vocab_size)
         if data is None:
             _check_cache_folder(directory)
@@ -302,7 +307,7 @@ class Dataset:
                 )
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=2), encoding="utf-8")
 
-            write_atomic_dir(directory, write, clean_stale=True)
+            write_atomic_dir(directory, write, clean_stale=clean_stale)
             data = cls(directory, meta)
         data.check_windows(block_size)
         return data

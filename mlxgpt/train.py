@@ -177,8 +177,8 @@ def _init_from_config(
     """Training keys from the config and overrides; the model from the checkpoint (only
     ``model.dropout`` may change, the weights fix everything else)."""
     ckpt = resolve(init_from)
-    model = asdict(read_config(ckpt))
-    kind = read_tokenizer(ckpt, read_config(ckpt)).kind
+    config = read_config(ckpt)
+    kind = read_tokenizer(ckpt, config).kind
     values = read_config_file(config_path or PRESETS_DIR / "tiny-char.toml")
     asked = dict(overrides.get("model") or {})
     if config_path:
@@ -195,7 +195,7 @@ def _init_from_config(
             f"{overrides['tokenizer']}"
         )
     values = merge(values, {k: v for k, v in overrides.items() if k != "model"})
-    values["model"] = {**model, **({"dropout": asked["dropout"]} if "dropout" in asked else {})}
+    values["model"] = asdict(config) | ({"dropout": asked["dropout"]} if "dropout" in asked else {})
     values["tokenizer"] = kind
     return train_config_from_dict(values)
 
@@ -358,33 +358,20 @@ class Run:
         return "causal" if self.cfg.causal_mask else "none"
 
 
-def setup(cfg: TrainConfig, resume: Path | None = None, init_from: Path | None = None) -> Run:
+def setup(
+    cfg: TrainConfig,
+    resume: Path | None = None,
+    init_from: Path | None = None,
+    corpus: Corpus | None = None,
+) -> Run:
     """Build the run: from scratch, from the checkpoint ``resume`` (same run, same batches),
-    or from the weights, model config and tokenizer of ``init_from`` (a new run)."""
+    or from the weights, model config and tokenizer of ``init_from`` (a new run). Call it
+    inside :func:`open_out_dir` (it writes the token cache into the out_dir)."""
     out_dir = Path(cfg.out_dir)
-    corpus = Corpus(cfg.data)
-    fingerprint = corpus.fingerprint()  # reads and checks every file once
+    corpus = corpus or Corpus(cfg.data)
+    corpus.fingerprint()  # reads and checks every file once
     mx.random.seed(cfg.seed)
-    state: dict[str, Any] = {}
-    if resume is not None:
-        model, tokenizer, _ = load_model(resume)
-        if model.config != replace(cfg.model, vocab_size=model.config.vocab_size):
-            raise CheckpointError(
-                f"model settings differ from the checkpoint's ({model.config}); "
-                "a resumed run keeps its model shape"
-            )
-        state = load_state(resume)
-    elif init_from is not None:
-        config = read_config(init_from)
-        weights = read_weights(init_from, config)
-        tokenizer = read_tokenizer(init_from, config)
-        model = model_from_weights(replace(config, dropout=cfg.model.dropout), weights)
-    else:
-        if cfg.tokenizer == "char":
-            tokenizer = Tokenizer.train_char(corpus.pieces())
-        else:
-            tokenizer = Tokenizer.train_bpe(corpus.pieces(), cfg.bpe_vocab_size)
-        model = GPT(replace(cfg.model, vocab_size=tokenizer.vocab_size))
+    model, tokenizer = _model_and_tokenizer(cfg, corpus, resume, init_from)
     cfg = replace(cfg, model=model.config)
     try:
         data = Dataset.prepare(
@@ -393,11 +380,11 @@ def setup(cfg: TrainConfig, resume: Path | None = None, init_from: Path | None =
             out_dir / DATA_DIR,
             cfg.val_fraction,
             cfg.model.block_size,
-            fingerprint,
+            clean_stale=True,  # we hold the out_dir's lock
         )
     except TokenizerError as err:
         raise DataError(
-            f"{corpus.path} cannot be encoded with the tokenizer of {init_from}: {err}"
+            f"{corpus.path} cannot be encoded with the tokenizer of {resume or init_from}: {err}"
         ) from None
     if cfg.dtype == "bfloat16":
         model.set_dtype(mx.bfloat16)
@@ -407,11 +394,37 @@ def setup(cfg: TrainConfig, resume: Path | None = None, init_from: Path | None =
     sampler = BatchSampler(data, cfg.batch_size, cfg.model.block_size, cfg.seed)
     run = Run(cfg, out_dir, model, tokenizer, data, sampler, optimizer, init_from=init_from)
     if resume is not None:
-        _restore(run, resume, state)
+        _restore(run, resume)
     return run
 
 
-def _restore(run: Run, ckpt: Path, state: dict[str, Any]) -> None:
+def _model_and_tokenizer(
+    cfg: TrainConfig, corpus: Corpus, resume: Path | None, init_from: Path | None
+) -> tuple[GPT, Tokenizer]:
+    """The checkpoint's (resume, init_from) or new ones (tokenizer trained on the corpus)."""
+    if resume is not None:
+        model, tokenizer, _ = load_model(resume)
+        if model.config != replace(cfg.model, vocab_size=model.config.vocab_size):
+            raise CheckpointError(
+                f"model settings differ from the checkpoint's ({model.config}); "
+                "a resumed run keeps its model shape"
+            )
+        return model, tokenizer
+    if init_from is not None:
+        config = read_config(init_from)
+        weights = read_weights(init_from, config)
+        tokenizer = read_tokenizer(init_from, config)
+        return model_from_weights(replace(config, dropout=cfg.model.dropout), weights), tokenizer
+    if cfg.tokenizer == "char":
+        tokenizer = Tokenizer.train_char(corpus.pieces())
+    else:
+        tokenizer = Tokenizer.train_bpe(corpus.pieces(), cfg.bpe_vocab_size)
+    return GPT(replace(cfg.model, vocab_size=tokenizer.vocab_size)), tokenizer
+
+
+def _restore(run: Run, ckpt: Path) -> None:
+    """Continue where ``ckpt`` stopped: optimizer, data sampler, step, best loss."""
+    state = load_state(ckpt)
     load_optimizer_state(ckpt, run.optimizer)
     try:
         run.sampler.set_state(state["data_rng"])
@@ -552,8 +565,10 @@ def train(
     if source is not None:
         _check_apart(out_dir, source, resume_ckpt is not None)
     own = resume_ckpt is not None and _same(run_dir_of(resume_ckpt), out_dir)
+    corpus = Corpus(cfg.data)
+    corpus.fingerprint()  # bad data is an error before anything is written
     with open_out_dir(out_dir, continues=own, overwrite=overwrite):
-        run = setup(cfg, resume_ckpt, init_ckpt)
+        run = setup(cfg, resume_ckpt, init_ckpt, corpus)
         source_dir = run_dir_of(resume_ckpt) if resume_ckpt is not None else None
         start_log(out_dir / LOG_FILE, source_dir and source_dir / LOG_FILE, run.step)
         return _loop(run, progress, quiet)
@@ -575,51 +590,58 @@ def _check_apart(out_dir: Path, source: Path, resuming: bool) -> None:
         )
 
 
+def train_step(run: Run, step_fn: StepFn) -> tuple[dict[str, Any], tuple[mx.array, mx.array]]:
+    """Draw a batch, take one optimizer step, advance ``run.step``: the step's log record
+    and one micro-batch (to probe the weights before a checkpoint)."""
+    cfg = run.cfg
+    t0 = time.perf_counter()
+    x, y = (mx.array(a) for a in run.sampler.next(cfg.grad_accum))
+    mx.random.seed(cfg.seed * 1_000_003 + run.step)  # dropout noise: the step's own
+    loss, norm = step_fn(x, y)
+    mx.eval(loss, norm, run.model.state, run.optimizer.state, mx.random.state)
+    lr = run.optimizer.learning_rate.item()  # the rate this step used
+    loss_value = loss.item()
+    if not math.isfinite(loss_value):
+        raise _diverged(run, f"loss became {loss_value} at step {run.step + 1}")
+    run.step += 1
+    tokens = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    record = {
+        "step": run.step,
+        "loss": loss_value,
+        "lr": lr,
+        "grad_norm": norm.item(),
+        "tokens_per_s": tokens / (time.perf_counter() - t0),
+    }
+    return record, (x[0], y[0])
+
+
 def _loop(run: Run, progress: bool, quiet: bool) -> TrainResult:
     cfg, out_dir = run.cfg, run.out_dir
-    say = (lambda *a: None) if quiet else print
     step_fn = make_step_fn(run.model, run.optimizer, cfg)
     last, start_step = run.last_step, run.step
-    tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.model.block_size
-    _describe(run, say, tokens_per_step)
+    if not quiet:
+        _describe(run)
     losses: list[float] = []
     train_loss = val_loss = math.nan
     bar = tqdm(total=last, initial=run.step, disable=not progress, unit="step", dynamic_ncols=True)
     t_start = time.perf_counter()
     with open(out_dir / LOG_FILE, "a", encoding="utf-8") as log, bar:
         while run.step < last:
-            t0 = time.perf_counter()
-            x, y = (mx.array(a) for a in run.sampler.next(cfg.grad_accum))
-            mx.random.seed(cfg.seed * 1_000_003 + run.step)  # dropout noise: the step's own
-            loss, norm = step_fn(x, y)
-            mx.eval(loss, norm, run.model.state, run.optimizer.state, mx.random.state)
-            lr = run.optimizer.learning_rate.item()  # the rate this step used
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise _diverged(run, f"loss became {loss_value} at step {run.step + 1}")
-            run.step += 1
-            losses.append(loss_value)
-            dt = time.perf_counter() - t0
-            _write(
-                log,
-                step=run.step,
-                loss=loss_value,
-                lr=lr,
-                grad_norm=norm.item(),
-                tokens_per_s=tokens_per_step / dt,
-            )
-            bar.set_postfix(loss=f"{loss_value:.4f}", tok_s=f"{tokens_per_step / dt:,.0f}")
+            record, probe = train_step(run, step_fn)
+            losses.append(record["loss"])
+            _write(log, record)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:,.0f}")
             bar.update(1)
             if run.step % cfg.eval_interval == 0 or run.step == last:
                 train_loss, val_loss = evaluate(run)
                 run.best_val = min(run.best_val, val_loss)
-                _write(log, step=run.step, train_loss=train_loss, val_loss=val_loss)
+                _write(log, {"step": run.step, "train_loss": train_loss, "val_loss": val_loss})
                 if not quiet:
                     bar.write(
                         f"step {run.step}: train loss {train_loss:.4f}, val loss {val_loss:.4f}"
                     )
             if run.step % cfg.ckpt_interval == 0 or run.step == last:
-                save(run, (x[0], y[0]))
+                save(run, probe)
     elapsed = time.perf_counter() - t_start
     png = plot_losses(out_dir / LOG_FILE, out_dir / PLOT_FILE, f"mlxgpt training — {out_dir.name}")
     return TrainResult(
@@ -640,23 +662,24 @@ def _loop(run: Run, progress: bool, quiet: bool) -> TrainResult:
     )
 
 
-def _write(log: TextIO, **record: Any) -> None:
+def _write(log: TextIO, record: dict[str, Any]) -> None:
     log.write(json.dumps(record) + "\n")
     log.flush()
 
 
-def _describe(run: Run, say: Callable[..., None], tokens_per_step: int) -> None:
+def _describe(run: Run) -> None:
     cfg, m = run.cfg, run.cfg.model
+    tokens_per_step = cfg.batch_size * cfg.grad_accum * m.block_size
     origin = f" (from {run.init_from})" if run.init_from else ""
-    say(
+    print(
         f"model: {run.model.num_params() / 1e6:.2f}M parameters (excluding position "
         f"embeddings), {m.n_layer} layers x {m.n_head} heads x {m.n_embd} wide, context "
         f"{m.block_size}, vocab {run.tokenizer.vocab_size} ({run.tokenizer.kind}){origin}"
     )
-    say(
+    print(
         f"data: {run.data.meta['train_tokens']:,} train / {run.data.meta['val_tokens']:,} val "
         f"tokens; {tokens_per_step:,} tokens per step; steps {run.step} -> {run.last_step} "
         f"of {cfg.max_iters}"
     )
     if run.step:
-        say(f"resuming {run.out_dir / CKPT_DIR} at step {run.step}")
+        print(f"resuming at step {run.step}")

@@ -64,14 +64,13 @@ def child(mode: str, kind: str, corpus: str, cache: str, bpe_vocab: int) -> None
     t0 = time.perf_counter()
     if mode == "streamed":
         c = Corpus(corpus)
-        fingerprint = c.fingerprint()
         pieces = c.pieces()
         tok = (
             Tokenizer.train_char(pieces)
             if kind == "char"
             else Tokenizer.train_bpe(pieces, bpe_vocab)
         )
-        data = Dataset.prepare(c, tok, cache, 0.1, 64, fingerprint)
+        data = Dataset.prepare(c, tok, cache, 0.1, 64)
         tokens = len(data.train) + len(data.val)
     else:  # what data.py did before: the whole corpus in one string, one encode call
         text = Path(corpus).read_text(encoding="utf-8")

@@ -290,3 +290,11 @@ def test_two_runs_into_one_out_dir_at_once(corpus_file, tmp_path, capsys):
     # the OS released the lock when the process died: a later run may take over
     code, err = train_cli(capsys, corpus_file, out, "--overwrite")
     assert code == 0, err
+
+
+def test_bad_data_writes_nothing(capsys, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    code, err = train_cli(capsys, empty, tmp_path / "out")
+    assert code == 2 and "is empty" in err
+    assert not (tmp_path / "out").exists()
