@@ -254,12 +254,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
 
-    from mlxgpt.cli import user_errors
+    from mlxgpt.errors import UserError
 
     settings = {k: v for k, v in vars(args).items() if k != "no_progress"}
     try:
         results = run_demo(**settings, progress=not args.no_progress)
-    except user_errors() as err:
+    except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     out_dir = Path(args.out_dir)
