@@ -68,6 +68,7 @@ from mlxgpt_export.parity import DIFF_KEYS, measure_parity
 from mlxgpt_export.runtime import (
     CONFIG_FILE,
     GENERATION_FILE,
+    LEGACY_MODEL_FILE,
     MLXGPT_KEY,
     MODEL_FILE,
     TOKENIZER_FILE,
@@ -91,6 +92,11 @@ EXPORT_ENTRIES = (
 )
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
+# What `--force` may replace: a folder whose entries are all ones an export writes (today's
+# EXPORT_ENTRIES, or the model file at the top of a folder exported before the onnx/ layout)
+# and that carries mlxgpt's mark; inside onnx/, only the model files an export writes.
+REPLACEABLE_ENTRIES = frozenset((*EXPORT_ENTRIES, LEGACY_MODEL_FILE))
+MODEL_DIR_ENTRIES = frozenset((MODEL_FILE.split("/")[1],))
 
 
 def genai_stop_id(tokenizer: Tokenizer) -> int:
@@ -170,15 +176,39 @@ def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
     }
 
 
+def is_export_folder(folder: Path) -> bool:
+    """True if ``folder`` holds only files an export writes and carries mlxgpt's mark
+    (``mlxgpt_version`` in its generation_config.json)."""
+    if not set(os.listdir(folder)) <= REPLACEABLE_ENTRIES:
+        return False
+    model_dir = folder / MODEL_DIR
+    if model_dir.exists() and (
+        model_dir.is_symlink()
+        or not model_dir.is_dir()
+        or not set(os.listdir(model_dir)) <= MODEL_DIR_ENTRIES
+    ):
+        return False
+    try:
+        generation = json.loads((folder / GENERATION_FILE).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(generation, dict) and "mlxgpt_version" in generation
+
+
 def _check_out_dir(out: Path, ckpt: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder: choose another OUT_DIR")
-    if out.exists() and not force:
-        raise ExportError(f"{out} already exists: pass --force to replace it")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise ExportError(f"{out} is a file or a link, not a folder: choose another OUT_DIR")
     out_abs, ckpt_abs = out.resolve(), ckpt.resolve()
     if out_abs == ckpt_abs or out_abs in ckpt_abs.parents:
         raise ExportError(
             f"OUT_DIR {out} would replace the checkpoint {ckpt} itself: choose another folder"
+        )
+    if out.exists() and not force:
+        raise ExportError(f"{out} already exists: pass --force to replace it")
+    if out.exists() and os.listdir(out) and not is_export_folder(out):
+        raise ExportError(
+            f"{out} is not an mlxgpt export folder (it holds other files): --force replaces "
+            "only a previous export or an empty folder. Choose another OUT_DIR."
         )
 
 

@@ -211,25 +211,28 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = merge(overrides, {k: v for k, v in flags.items() if v is not None})
     if args.resume and args.config:
         raise ConfigError("--resume continues a run with its own config; drop --config")
-    cfg = resolve_config(args.config, overrides, args.resume)
-    result = train(cfg, resume=args.resume, progress=not args.no_progress)
-    if result["rank"] != 0:
+    cfg = resolve_config(args.config, overrides, args.resume, args.init_from)
+    result = train(
+        cfg,
+        resume=args.resume,
+        init_from=args.init_from,
+        overwrite=args.overwrite,
+        progress=not args.no_progress,
+    )
+    if result.rank != 0:
         return 0  # one rank of a distributed run: rank 0 reports
     print(
-        f"\ndone: step {result['step']} in {result['elapsed_s']:.0f}s; "
-        f"train loss {result.get('train_loss', float('nan')):.4f}, "
-        f"val loss {result.get('val_loss', float('nan')):.4f}"
+        f"\ndone: step {result.step} in {result.elapsed_s:.0f}s; "
+        f"train loss {result.train_loss:.4f}, val loss {result.val_loss:.4f}"
     )
-    print(f"checkpoint: {result['ckpt']}   loss curve: {result['loss_png']}")
+    print(f"checkpoint: {result.ckpt}   loss curve: {result.loss_png}")
     if cfg.sample_tokens:
         from mlxgpt.generate import generate_text
 
         print(f"\n--- sample (temperature {cfg.sample_temperature}) ---")
         params = SamplingParams(temperature=cfg.sample_temperature, seed=cfg.seed)
-        result["model"].eval()
-        for piece in generate_text(
-            result["model"], result["tokenizer"], "", cfg.sample_tokens, params
-        ):
+        result.model.eval()
+        for piece in generate_text(result.model, result.tokenizer, "", cfg.sample_tokens, params):
             print(piece, end="", flush=True)
         print("\n---")
     return 0
@@ -316,7 +319,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="config file (.toml/.json) or preset name")
     p.add_argument("--data", help="a .txt file or a folder of .txt files")
     p.add_argument("--out-dir", help="where checkpoints, log.jsonl and loss.png go")
-    p.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    p.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run saved in DIR (it goes on writing there, or to --out-dir)",
+    )
+    p.add_argument(
+        "--init-from",
+        metavar="CKPT",
+        help="start a new run (fresh optimizer, step 0) from the weights, model config and "
+        "tokenizer of checkpoint CKPT, e.g. one made by `mlxgpt import-hf`; CKPT is only read",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start over in an out_dir that holds a run (deletes its checkpoint and log)",
+    )
     p.add_argument("--max-iters", type=positive_int, help="number of optimizer steps")
     p.add_argument("--tokenizer", choices=["char", "bpe"])
     p.add_argument(

@@ -49,6 +49,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map
 
+from mlxgpt.data import BatchSampler, Dataset
 from mlxgpt.errors import UserError
 
 # Variables a launcher sets in every rank's environment: mlx.launch (ring, JACCL, NCCL),
@@ -215,54 +216,48 @@ def owned_streams(n_streams: int, world: World) -> range:
 
 
 class StreamSampler:
-    """Training batches from the data streams this rank owns (see the module docstring).
+    """Training batches from the data streams this rank owns (see the module docstring):
+    one :class:`~mlxgpt.data.BatchSampler` per stream.
 
-    Same interface as a single sampler: :meth:`next` gives ``(micro_batches,
-    len(streams) * batch_size, block_size)`` inputs and targets, stream by stream along
-    the batch axis; :meth:`states` / :meth:`set_states` save and restore every owned
-    stream's generator (JSON).
+    :meth:`next` gives ``(micro_batches, len(streams) * batch_size, block_size)`` inputs
+    and targets, stream by stream along the batch axis (one stream: exactly its sampler's
+    batches); :meth:`states` / :meth:`set_states` save and restore every owned stream's
+    generator (JSON).
     """
 
     def __init__(
         self,
-        data: Any,
+        data: Dataset,
         batch_size: int,
         block_size: int,
         seed: int,
         streams: Sequence[int] = (0,),
-        split: str = "train",
     ):
-        self.data, self.split = data, split
-        self.batch_size, self.block_size = batch_size, block_size
         self.streams = tuple(streams)
-        self.rngs = [np.random.default_rng(stream_seed(seed, s)) for s in self.streams]
+        self.samplers = [
+            BatchSampler(data, batch_size, block_size, stream_seed(seed, s)) for s in self.streams
+        ]
 
     def next(self, micro_batches: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        xs, ys = [], []
-        for _ in range(micro_batches):
-            pairs = [
-                self.data.batch(self.split, self.batch_size, self.block_size, rng)
-                for rng in self.rngs
-            ]
-            xs.append(np.concatenate([x for x, _ in pairs]))
-            ys.append(np.concatenate([y for _, y in pairs]))
-        return np.stack(xs), np.stack(ys)
+        if len(self.samplers) == 1:
+            return self.samplers[0].next(micro_batches)
+        xs, ys = zip(*(s.next(micro_batches) for s in self.samplers), strict=True)
+        return np.concatenate(xs, axis=1), np.concatenate(ys, axis=1)
 
     def states(self) -> dict[int, dict[str, Any]]:
         """Each owned stream's generator state, by stream number."""
-        return {
-            s: json.loads(json.dumps(rng.bit_generator.state, default=int))
-            for s, rng in zip(self.streams, self.rngs, strict=True)
-        }
+        return {s: sampler.state() for s, sampler in zip(self.streams, self.samplers, strict=True)}
 
     def set_states(self, states: Sequence[Any]) -> None:
         """Restore the owned streams from ``states`` (the states of *all* streams, by
-        number); ``ValueError`` if one is not a generator state."""
-        for s, rng in zip(self.streams, self.rngs, strict=True):
+        number); ``ValueError`` if one is missing or is not a generator state."""
+        for s, sampler in zip(self.streams, self.samplers, strict=True):
+            if not 0 <= s < len(states):
+                raise ValueError(f"stream {s}: no saved state ({len(states)} saved)")
             try:
-                rng.bit_generator.state = states[s]
-            except (TypeError, ValueError, KeyError, IndexError) as err:
-                raise ValueError(f"stream {s}: not a data-sampler state ({err})") from None
+                sampler.set_state(states[s])
+            except ValueError as err:
+                raise ValueError(f"stream {s}: {err}") from None
 
 
 def gather_stream_states(sampler: StreamSampler, world: World) -> list[dict[str, Any]]:

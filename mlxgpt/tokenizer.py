@@ -70,7 +70,7 @@ class Tokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        hf.train_from_iterator(list(texts), trainer=trainer)
+        hf.train_from_iterator(texts, trainer=trainer)  # streamed: never all in memory
         return cls(hf)
 
     @classmethod

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from mlxgpt.data import read_corpus
+from mlxgpt.data import Corpus
 from mlxgpt.tokenizer import StreamDecoder, Tokenizer
 
 EXTRA = " 私は学校へ行く 😀👍🏽 café "  # so byte-level pieces that split a character occur
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", default="data/tinyshakespeare.txt")
     p.add_argument("--chars", type=int, default=200_000, help="corpus characters to use")
     args = p.parse_args(argv)
-    text = "".join(read_corpus(args.data))[: args.chars].replace("\n\n", "\n\n" + EXTRA)
+    text = "".join(Corpus(args.data).pieces())[: args.chars].replace("\n\n", "\n\n" + EXTRA)
     tokenizers = {
         "char": Tokenizer.train_char([text]),
         "bpe": Tokenizer.train_bpe([text], vocab_size=1024),

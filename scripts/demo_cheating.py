@@ -92,25 +92,25 @@ def demo_config(causal_mask: bool, out_dir: Path, **settings: Any) -> TrainConfi
 def run_variant(causal_mask: bool, out_dir: Path, progress: bool, **settings: Any) -> Variant:
     """Train one model, then measure it three ways and let it write a sample."""
     cfg = demo_config(causal_mask, out_dir, **settings)
-    result = train(cfg, progress=progress, quiet=True)
-    model, data = result["model"], result["data"]
+    result = train(cfg, overwrite=True, progress=progress, quiet=True)  # the demo's own folder
+    model, data = result.model, result.data
     model.eval()
     own_mask = "causal" if causal_mask else "none"
     params = SamplingParams(temperature=settings["temperature"], seed=settings["seed"])
     pieces = generate_text(
-        model, result["tokenizer"], settings["prompt"], settings["sample_tokens"], params
+        model, result.tokenizer, settings["prompt"], settings["sample_tokens"], params
     )
     return Variant(
         causal_mask=causal_mask,
         train_loss=estimate_loss(model, data, cfg, "train", mask=own_mask),
         honest_train_loss=estimate_loss(model, data, cfg, "train", mask="causal"),
         honest_val_loss=estimate_loss(model, data, cfg, "val", mask="causal"),
-        step_losses=result["losses"],
+        step_losses=result.losses,
         config=cfg,
-        vocab_size=result["tokenizer"].vocab_size,
+        vocab_size=result.tokenizer.vocab_size,
         sample=settings["prompt"] + "".join(pieces),
-        ckpt=result["ckpt"],
-        elapsed_s=result["elapsed_s"],
+        ckpt=str(result.ckpt),
+        elapsed_s=result.elapsed_s,
     )
 
 

@@ -55,4 +55,4 @@ def trained_ckpt(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     out = tmp_path_factory.mktemp("trained")
     result = train(tiny_train_config(corpus_file, out), progress=False, quiet=True)
-    return Path(result["ckpt"])
+    return result.ckpt

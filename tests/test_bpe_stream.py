@@ -28,7 +28,7 @@ def bpe_export(tmp_path_factory) -> tuple[Path, Path]:
     corpus = tmp / "corpus.txt"
     corpus.write_text(UNICODE_CORPUS, encoding="utf-8")
     cfg = tiny_train_config(corpus, tmp / "run", tokenizer="bpe", bpe_vocab_size=300)
-    ckpt = Path(train(cfg, progress=False, quiet=True)["ckpt"])
+    ckpt = Path(train(cfg, progress=False, quiet=True).ckpt)
     export_checkpoint(ckpt, tmp / "exported", quiet=True)
     return ckpt, tmp / "exported"
 

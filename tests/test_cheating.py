@@ -94,3 +94,8 @@ def test_report_and_plot(results, tmp_path):
     from matplotlib.image import imread
 
     assert imread(png).shape[:2] == (540, 960)  # 8 x 4.5 inches at 120 dpi
+
+
+def test_demo_command_reports_user_errors(tmp_path, capsys):
+    code = demo.main(["--data", str(tmp_path / "missing.txt"), "--out-dir", str(tmp_path / "o")])
+    assert code == 2 and "\nerror: data path" in capsys.readouterr().err

@@ -51,7 +51,7 @@ def folders(corpus_file: Path, tmp_path_factory) -> dict[tuple[str, str], Path]:
         config = tiny_train_config(
             corpus_file, root / kind, max_iters=100, model={"block_size": 64}, **extra
         )
-        ckpt = train(config, progress=False, quiet=True)["ckpt"]
+        ckpt = train(config, progress=False, quiet=True).ckpt
         for form in clients.FORMS:
             out[kind, form] = export_checkpoint(ckpt, root / f"{kind}-{form}", form, quiet=True)
     return out

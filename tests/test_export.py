@@ -179,8 +179,11 @@ def test_existing_folder_is_refused_unless_force(ckpt: Path, tmp_path: Path):
     (out / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="already exists: pass --force"):
         export_checkpoint(ckpt, out, quiet=True)
+    with pytest.raises(ExportError, match="not an mlxgpt export folder"):  # not ours
+        export_checkpoint(ckpt, out, force=True, quiet=True)
     assert (out / "keep.txt").read_text() == "mine"
-    export_checkpoint(ckpt, out, force=True, quiet=True)
+    (out / "keep.txt").unlink()
+    export_checkpoint(ckpt, out, force=True, quiet=True)  # an empty folder is replaced
     assert {p.name for p in out.iterdir()} == FILES
 
 

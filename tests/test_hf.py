@@ -294,7 +294,7 @@ def bpe_ckpt(corpus_file, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bpe")
     model = {"block_size": 64, "activation": "gelu_tanh", "bias": False}
     cfg = tiny_train_config(corpus_file, out, tokenizer="bpe", bpe_vocab_size=300, model=model)
-    return Path(train(cfg, progress=False, quiet=True)["ckpt"])
+    return Path(train(cfg, progress=False, quiet=True).ckpt)
 
 
 @pytest.fixture(scope="module", params=["char-gelu-bias", "bpe-gelutanh-nobias"])
@@ -532,3 +532,28 @@ def test_an_empty_out_folder_is_used(good_folder, tmp_path, capsys):
     code, _, err = run(capsys, "import-hf", good_folder, tmp_path / "out")
     assert code == 0, err
     assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+def test_imported_gpt2_fine_tunes_and_goes_back_to_transformers(imported, tmp_path, capsys):
+    """The round trip a user makes: HF folder -> import-hf -> train --init-from on their own
+    text -> export-hf -> transformers, whose logits equal the fine-tuned MLX model's."""
+    from mlxgpt.model_io import load_model
+
+    *_, ckpt, _ = imported
+    corpus = tmp_path / "mine.txt"
+    corpus.write_text(TEXT * 200, encoding="utf-8")
+    args = ["train", "--init-from", ckpt, "--data", corpus, "--out-dir", tmp_path / "tuned"]
+    args += ["--no-progress", "max_iters=12", "batch_size=4", "learning_rate=3e-3"]
+    args += ["warmup_iters=0", "eval_interval=12", "eval_iters=1", "sample_tokens=0"]
+    code, _, err = run(capsys, *args)
+    assert code == 0, err
+    rows = [json.loads(line) for line in (tmp_path / "tuned/log.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 12 and np.mean(losses[-3:]) < losses[0]
+    code, _, err = run(capsys, "export-hf", tmp_path / "tuned", tmp_path / "hf-tuned")
+    assert code == 0, err
+    tuned, _, _ = load_model(tmp_path / "tuned")
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "hf-tuned").eval()
+    ids = AutoTokenizer.from_pretrained(tmp_path / "hf-tuned")(TEXT)["input_ids"][:48]
+    np.testing.assert_allclose(mlx_logits(tuned, ids), hf_logits(hf, ids), atol=ATOL, rtol=0)
+    assert not np.allclose(hf_logits(hf, ids), hf_logits(imported[1], ids), atol=1e-3)

@@ -82,12 +82,12 @@ INSTALLED_SCRIPT = """
 import json, os, sys
 import mlxgpt
 from mlxgpt.config import load_train_config
-from mlxgpt.data import read_corpus, resolve_data_path
+from mlxgpt.data import Corpus, resolve_data_path
 
 cfg = load_train_config()
 print(json.dumps({"mlxgpt": mlxgpt.__file__, "data": cfg.data,
                   "resolved": str(resolve_data_path(cfg.data)),
-                  "chars": len(read_corpus(cfg.data)[0])}))
+                  "chars": len("".join(Corpus(cfg.data).pieces()))}))
 """
 
 
