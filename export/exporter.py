@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -58,13 +60,14 @@ from mlxgpt.hf_config import gpt2_config
 from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
-from mlxgpt_export.graph import ATTENTION_FORMS, OPSETS, build_model
+from mlxgpt_export.graph import ATTENTION_FORMS, DTYPES, OPSETS, build_model
 from mlxgpt_export.parity import DIFF_KEYS, measure_parity
 from mlxgpt_export.runtime import (
     CONFIG_FILE,
     GENERATION_FILE,
     MLXGPT_KEY,
     MODEL_FILE,
+    MODEL_FILES,
     TOKENIZER_FILE,
     OnnxGPT,
     make_session,
@@ -86,6 +89,13 @@ EXPORT_ENTRIES = (
 )
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
+EXTERNAL_DATA_SUFFIX = "_data"  # onnx/model.onnx -> onnx/model.onnx_data (transformers.js')
+QUANTIZATIONS = ("int8",)
+# transformers.js's name for each precision: its `dtype` option picks the file by it.
+JS_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "q8"}
+# int8: quantize the LM head too (its own int8 copy of wte^T; the input Gather keeps the
+# float32 wte, so token embeddings stay exact). Measured in scripts/bench_precision.py.
+QUANTIZE_HEAD = True
 
 
 def special_token_ids(tokenizer: Tokenizer) -> dict[str, int | None]:
@@ -109,11 +119,28 @@ def genai_stop_id(tokenizer: Tokenizer) -> int:
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.vocab_size - 1
 
 
-def model_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+def transformers_js_config(precision: str, external: bool) -> dict[str, Any]:
+    """``config.json``'s ``transformers.js_config``: which file transformers.js loads.
+
+    Its ``dtype`` picks the file by suffix (``fp32``: model.onnx, ``fp16``: model_fp16.onnx,
+    ``q8``: model_quantized.onnx), so ``from_pretrained(name)`` finds this folder's one model
+    without a ``dtype`` option; ``use_external_data_format`` names the file whose weights
+    sit in ``<file>_data`` (one chunk).
+    """
+    js: dict[str, Any] = {"dtype": JS_DTYPES[precision]}
+    if external:
+        js["use_external_data_format"] = {Path(MODEL_FILES[precision]).name: 1}
+    return js
+
+
+def model_config(
+    config: GPTConfig, tokenizer: Tokenizer, precision: str = "float32", external: bool = False
+) -> dict[str, Any]:
     """``config.json``: GPT-2's keys for the clients, mlxgpt's GPTConfig for mlxgpt-ort."""
     return {
         **gpt2_config(config),
         **special_token_ids(tokenizer),
+        "transformers.js_config": transformers_js_config(precision, external),
         MLXGPT_KEY: dataclasses.asdict(config),
         "mlxgpt_version": mlxgpt.__version__,
     }
@@ -159,7 +186,9 @@ def special_tokens_map(tokenizer: Tokenizer) -> dict[str, str]:
     return {k: v for k, v in _special_tokens(tokenizer).items() if v is not None}
 
 
-def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+def genai_config(
+    config: GPTConfig, tokenizer: Tokenizer, model_file: str = MODEL_FILE
+) -> dict[str, Any]:
     """``genai_config.json``: onnxruntime-genai's description of the same graph.
 
     ``past_present_share_buffer`` is false: the graph returns ``present`` as a new tensor
@@ -181,7 +210,7 @@ def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
             "eos_token_id": stop,
             "pad_token_id": stop,
             "decoder": {
-                "filename": MODEL_FILE,
+                "filename": model_file,
                 "session_options": {"log_id": "mlxgpt", "provider_options": []},
                 "head_size": config.head_size,
                 "hidden_size": config.n_embd,
@@ -233,12 +262,6 @@ def _load_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, np.ndarray], Toke
     config = read_config(ckpt)
     weights = read_weights(ckpt, config)
     tokenizer = read_tokenizer(ckpt, config)
-    size = sum(w.nbytes for w in weights.values())
-    if size > PROTOBUF_LIMIT:
-        raise ExportError(
-            f"the model has {size / 2**30:.1f} GiB of weights; a single-file ONNX model holds "
-            "less than 2 GiB and ONNX external data is not supported by this exporter yet"
-        )
     return config, weights, tokenizer.for_clients()
 
 
@@ -250,38 +273,172 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def build_checked_model(
-    config: GPTConfig, weights: dict[str, np.ndarray], attention: str, verify: bool
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The checked ONNX model with its metadata, and the parity figures (measured first)."""
+def precision_of(dtype: str = "float32", quantize: str | None = None) -> str:
+    """The export's precision: ``"float32"``, ``"float16"`` or ``"int8"`` (a key of MODEL_FILES)."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is None:
+        return dtype
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if dtype != "float32":
+        raise ExportError(
+            f"--quantize {quantize} quantizes the float32 graph: leave out --dtype {dtype}"
+        )
+    return quantize
+
+
+def _check_float16_range(weights: dict[str, np.ndarray]) -> None:
+    limit = float(np.finfo(np.float16).max)
+    for name, w in weights.items():
+        if w.size and float(np.abs(w).max()) > limit:
+            raise ExportError(
+                f"{name} holds values beyond float16's range (|w| up to "
+                f"{float(np.abs(w).max()):.3g} > {limit:g}): export it in float32 (no --dtype)"
+            )
+
+
+def quantize_int8(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
+    """``model`` with dynamic int8 MatMul weights, by onnxruntime's own ``quantize_dynamic``.
+
+    Every MatMul whose weight is an initializer gets int8 weights (one scale per tensor,
+    symmetric) and quantizes its input to uint8 at run time, per call
+    (``DynamicQuantizeLinear`` + ``MatMulInteger``: standard ONNX operators, which
+    onnxruntime fuses). Only MatMul: by default the tool also rewrites the standard
+    ``Attention`` operator into an invalid contrib operator, and would quantize the
+    embedding Gather; the attention products (q k^T, p v) have no constant weight and stay
+    float32. Runs on the graph as built, before any optimisation, through files in
+    ``scratch`` (weights as external data, so a model above 2 GiB works too). ``model``
+    itself is emptied of its weights by the save.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    source, target = scratch / "float32.onnx", scratch / "int8.onnx"
+    onnx.save_model(model, source, save_as_external_data=True, location=source.name + "_data")
+    logging.disable(logging.WARNING)  # its advice to pre-process (shape inference) first
+    try:
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return onnx.load(target)  # weights back in memory (a quarter of float32's)
+
+
+def build_graph(
+    config: GPTConfig,
+    weights: dict[str, np.ndarray],
+    attention: str,
+    precision: str,
+    scratch: Path,
+) -> onnx.ModelProto:
+    """The ONNX model of ``precision`` (see MODEL_FILES), not yet checked."""
     if attention not in ATTENTION_FORMS:
         raise ExportError(
             f"--attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}"
         )
-    model = build_model(config, weights, attention)
+    if precision == "float16":
+        _check_float16_range(weights)
+        return build_model(config, weights, attention, "float16")
+    quantized = precision == "int8"
+    model = build_model(config, weights, attention, separate_head=quantized and QUANTIZE_HEAD)
+    return quantize_int8(model, scratch) if quantized else model
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
+    """Write ``model`` to ``path``: one file, or the graph there and the weights in
+    ``path`` + ``_data`` (ONNX external data; ``model``'s weights are moved out of memory
+    as they are written)."""
+    if external:
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=path.name + EXTERNAL_DATA_SUFFIX,
+        )
+    else:
+        onnx.save_model(model, path)
+    for written in (path, path.with_name(path.name + EXTERNAL_DATA_SUFFIX)):
+        if written.exists():
+            _fsync(written)
+
+
+def check_written_model(path: Path) -> None:
+    """``onnx.checker`` with ``full_check`` on the written file (external data resolved)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:  # a bug in the exporter, not the user's
         raise ExportError(f"internal error: the exported graph is invalid: {err}") from None
-    parity: dict[str, Any] = {"measured": False}
-    if verify:
-        session = make_session(model.SerializeToString())
-        parity = {"measured": True, **measure_parity(OnnxGPT(session, config), weights)}
-        if not parity["passed"]:
-            raise ExportError(
-                "parity check failed: onnxruntime and the numpy reference disagree "
-                f"(max |logit difference| {parity['max_abs_diff']:.3g} > {parity['tolerance']}, "
-                f"fully padded row finite: {parity['fully_padded_row_finite']}). "
-                "Nothing was written; please report this with the checkpoint's config.json."
-            )
-    metadata = {
-        "mlxgpt_version": mlxgpt.__version__,
-        "model_config": json.dumps(dataclasses.asdict(config)),
-        "attention": attention,
-        "parity": json.dumps(parity),
+
+
+def verify_parity(
+    path: Path, config: GPTConfig, weights: dict[str, np.ndarray], precision: str
+) -> dict[str, Any]:
+    """Run the written model in onnxruntime against the numpy reference (mlxgpt_export.parity)."""
+    parity = {
+        "measured": True,
+        **measure_parity(OnnxGPT(make_session(path), config), weights, precision=precision),
     }
-    onnx.helper.set_model_props(model, metadata)
-    return model, parity
+    if not parity["passed"]:
+        raise ExportError(
+            f"parity check failed ({precision}): onnxruntime and the numpy reference disagree "
+            f"(max |logit difference| {parity['max_abs_diff']:.3g} > {parity['tolerance']:.3g}, "
+            f"fully padded row finite: {parity['fully_padded_row_finite']}). "
+            "Nothing was written; please report this with the checkpoint's config.json."
+        )
+    return parity
+
+
+def write_checked_model(
+    path: Path,
+    config: GPTConfig,
+    weights: dict[str, np.ndarray],
+    attention: str = "portable",
+    precision: str = "float32",
+    verify: bool = True,
+    external_data_threshold: int = PROTOBUF_LIMIT,
+) -> tuple[dict[str, Any], bool]:
+    """Build, write, check and measure the model at ``path``; its parity figures, and whether
+    its weights went to external data (``path`` + ``_data``, when they exceed
+    ``external_data_threshold`` bytes).
+
+    The model is checked and run from the written file, not from memory: the in-memory
+    model is dropped once written, so the exporter never holds the weights as numpy arrays,
+    a ModelProto, serialized bytes and an onnxruntime session at once. The parity figures
+    then go into the file's metadata (only the small graph file is rewritten when the
+    weights are external).
+    """
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        model = build_graph(config, weights, attention, precision, Path(scratch))
+    external = weight_bytes(model) > external_data_threshold
+    save_model(model, path, external)
+    del model
+    check_written_model(path)
+    parity = verify_parity(path, config, weights, precision) if verify else {"measured": False}
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(
+        model,
+        {
+            "mlxgpt_version": mlxgpt.__version__,
+            "model_config": json.dumps(dataclasses.asdict(config)),
+            "attention": attention,
+            "dtype": "float16" if precision == "float16" else "float32",
+            "quantization": precision if precision in QUANTIZATIONS else "none",
+            "parity": json.dumps(parity),
+        },
+    )
+    onnx.save_model(model, path)
+    _fsync(path)
+    return parity, external
 
 
 def export_checkpoint(
@@ -291,38 +448,73 @@ def export_checkpoint(
     force: bool = False,
     verify: bool = True,
     quiet: bool = False,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    external_data_threshold: int = PROTOBUF_LIMIT,
 ) -> Path:
-    """Export ``checkpoint`` (a training out_dir or its ckpt/) to the folder ``out_dir``."""
+    """Export ``checkpoint`` (a training out_dir or its ckpt/) to the folder ``out_dir``.
+
+    ``dtype="float16"`` writes a float16 graph (``onnx/model_fp16.onnx``), ``quantize="int8"``
+    a float32 graph with int8 MatMul weights (``onnx/model_quantized.onnx``). Weights above
+    ``external_data_threshold`` bytes (default: what one .onnx file can hold) are written
+    as ONNX external data beside the model file.
+    """
     out = Path(out_dir)
     ckpt = resolve(checkpoint)
     _check_out_dir(out, ckpt, force)
+    precision = precision_of(dtype, quantize)
+    model_file = MODEL_FILES[precision]
     config, weights, tokenizer = _load_checkpoint(ckpt)
-    model, parity = build_checked_model(config, weights, attention, verify)
+    outcome: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
         (tmp / MODEL_DIR).mkdir()
-        onnx.save_model(model, str(tmp / MODEL_FILE))
-        _fsync(tmp / MODEL_FILE)  # write_atomic_dir syncs the top-level files only
-        _fsync(tmp / MODEL_DIR)
-        write_json(tmp / CONFIG_FILE, model_config(config, tokenizer))
+        outcome["parity"], outcome["external"] = write_checked_model(
+            tmp / model_file,
+            config,
+            weights,
+            attention,
+            precision,
+            verify,
+            external_data_threshold,
+        )
+        _fsync(tmp / MODEL_DIR)  # write_atomic_dir syncs the top-level files only
+        external = outcome["external"]
+        write_json(tmp / CONFIG_FILE, model_config(config, tokenizer, precision, external))
         write_json(tmp / GENERATION_FILE, generation_config(config, tokenizer))
         tokenizer.save(tmp / TOKENIZER_FILE)
         write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config(config, tokenizer))
         write_json(tmp / SPECIAL_TOKENS_FILE, special_tokens_map(tokenizer))
-        write_json(tmp / GENAI_FILE, genai_config(config, tokenizer))
+        write_json(tmp / GENAI_FILE, genai_config(config, tokenizer, model_file))
 
     write_atomic_dir(out, write)
     if not quiet:
-        size = (out / MODEL_FILE).stat().st_size / 1e6
-        print(
-            f"exported {ckpt} -> {out}: {MODEL_FILE} ({size:.3g} MB, {attention} attention, "
-            f"opset {OPSETS[attention]}), {', '.join(EXPORT_ENTRIES[1:])}"
-        )
-        if parity["measured"]:
-            shown = ", ".join(f"{k} {parity[k]:.2g}" for k in DIFF_KEYS if k in parity)
-            print(
-                f"parity vs numpy reference, max |logit difference|: {shown}; "
-                f"fully padded row finite: {parity['fully_padded_row_finite']}"
-            )
-        print(f"run it: mlxgpt-ort generate {out} --prompt '...'")
+        _print_summary(ckpt, out, model_file, attention, precision, **outcome)
     return out
+
+
+def _print_summary(
+    ckpt: Path,
+    out: Path,
+    model_file: str,
+    attention: str,
+    precision: str,
+    parity: dict[str, Any],
+    external: bool,
+) -> None:
+    files = sorted(p for p in (out / MODEL_DIR).iterdir())
+    size = sum(p.stat().st_size for p in files) / 1e6
+    stored = " + ".join(f"{MODEL_DIR}/{p.name}" for p in files)
+    print(
+        f"exported {ckpt} -> {out}: {stored} ({size:.3g} MB, {precision}, {attention} attention, "
+        f"opset {OPSETS[attention]}{', external data' if external else ''}), "
+        f"{', '.join(EXPORT_ENTRIES[1:])}"
+    )
+    if parity["measured"]:
+        shown = ", ".join(f"{k} {parity[k]:.2g}" for k in DIFF_KEYS if k in parity)
+        print(
+            f"parity vs numpy reference, max |logit difference|: {shown} (bound "
+            f"{parity['tolerance']:.2g} for {precision}); fully padded row finite: "
+            f"{parity['fully_padded_row_finite']}"
+        )
+    print(f"run it: mlxgpt-ort generate {out} --prompt '...'")
