@@ -38,6 +38,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,7 @@ from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
 from mlxgpt_export.graph import ATTENTION_FORMS, DTYPES, OPSETS, build_model
-from mlxgpt_export.parity import DIFF_KEYS, measure_parity
+from mlxgpt_export.parity import DIFF_KEYS, Reference, measure_parity, reference
 from mlxgpt_export.runtime import (
     CONFIG_FILE,
     GENERATION_FILE,
@@ -329,47 +330,53 @@ def quantize_int8(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     return onnx.load(target)  # weights back in memory (a quarter of float32's)
 
 
-def build_graph(
-    config: GPTConfig,
-    weights: dict[str, np.ndarray],
-    attention: str,
-    precision: str,
-    scratch: Path,
-) -> onnx.ModelProto:
-    """The ONNX model of ``precision`` (see MODEL_FILES), not yet checked."""
+def check_attention(attention: str) -> None:
     if attention not in ATTENTION_FORMS:
         raise ExportError(
             f"--attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}"
         )
+
+
+def build_graph(
+    config: GPTConfig, weights: dict[str, np.ndarray], attention: str, precision: str
+) -> onnx.ModelProto:
+    """The ONNX model of ``precision`` before quantization (int8: see quantize_int8)."""
+    check_attention(attention)
     if precision == "float16":
         _check_float16_range(weights)
         return build_model(config, weights, attention, "float16")
-    quantized = precision == "int8"
-    model = build_model(config, weights, attention, separate_head=quantized and QUANTIZE_HEAD)
-    return quantize_int8(model, scratch) if quantized else model
+    separate_head = precision == "int8" and QUANTIZE_HEAD
+    return build_model(config, weights, attention, separate_head=separate_head)
 
 
 def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def save_model(model: onnx.ModelProto, path: Path, external: bool) -> None:
-    """Write ``model`` to ``path``: one file, or the graph there and the weights in
-    ``path`` + ``_data`` (ONNX external data; ``model``'s weights are moved out of memory
-    as they are written)."""
+def save_model(model: onnx.ModelProto, path: Path, external: bool) -> bool:
+    """Write ``model`` to ``path``: one file, or (``external``) the graph there and its
+    weights in ``path`` + ``_data`` (ONNX external data; ``model``'s weights are moved out
+    of memory as they are written). Returns whether a data file was written.
+
+    Tensors under 1 KiB (onnx's default threshold) stay in the graph: the shapes and axes
+    the checker's shape inference must read, and every tensor of a very small model.
+    """
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
     if external:
         onnx.save_model(
             model,
             path,
             save_as_external_data=True,
             all_tensors_to_one_file=True,
-            location=path.name + EXTERNAL_DATA_SUFFIX,
+            location=data.name,
         )
+        shutil.copymode(path, data)  # onnx creates it private (0600); share it like the graph
     else:
         onnx.save_model(model, path)
-    for written in (path, path.with_name(path.name + EXTERNAL_DATA_SUFFIX)):
+    for written in (path, data):
         if written.exists():
             _fsync(written)
+    return data.exists()
 
 
 def check_written_model(path: Path) -> None:
@@ -380,13 +387,11 @@ def check_written_model(path: Path) -> None:
         raise ExportError(f"internal error: the exported graph is invalid: {err}") from None
 
 
-def verify_parity(
-    path: Path, config: GPTConfig, weights: dict[str, np.ndarray], precision: str
-) -> dict[str, Any]:
+def verify_parity(path: Path, config: GPTConfig, ref: Reference, precision: str) -> dict[str, Any]:
     """Run the written model in onnxruntime against the numpy reference (mlxgpt_export.parity)."""
     parity = {
         "measured": True,
-        **measure_parity(OnnxGPT(make_session(path), config), weights, precision=precision),
+        **measure_parity(OnnxGPT(make_session(path), config), ref, precision),
     }
     if not parity["passed"]:
         raise ExportError(
@@ -407,23 +412,26 @@ def write_checked_model(
     verify: bool = True,
     external_data_threshold: int = PROTOBUF_LIMIT,
 ) -> tuple[dict[str, Any], bool]:
-    """Build, write, check and measure the model at ``path``; its parity figures, and whether
-    its weights went to external data (``path`` + ``_data``, when they exceed
-    ``external_data_threshold`` bytes).
+    """Build, write, check and measure the model of ``weights`` at ``path``; its parity
+    figures, and whether its weights went to external data (``path`` + ``_data``, when
+    they exceed ``external_data_threshold`` bytes).
 
-    The model is checked and run from the written file, not from memory: the in-memory
-    model is dropped once written, so the exporter never holds the weights as numpy arrays,
-    a ModelProto, serialized bytes and an onnxruntime session at once. The parity figures
-    then go into the file's metadata (only the small graph file is rewritten when the
-    weights are external).
+    Peak memory is kept near two copies of the weights. ``weights`` is *emptied* once the
+    graph is built and the reference logits computed (the caller hands them over); the
+    model is dropped once written; the checker and onnxruntime read the file. The parity
+    figures then go into the file's metadata (only the small graph file is rewritten when
+    the weights are external).
     """
-    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-        model = build_graph(config, weights, attention, precision, Path(scratch))
-    external = weight_bytes(model) > external_data_threshold
-    save_model(model, path, external)
+    model = build_graph(config, weights, attention, precision)
+    ref = reference(weights, config) if verify else None
+    weights.clear()  # the last references to the checkpoint's arrays
+    if precision == "int8":
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            model = quantize_int8(model, Path(scratch))
+    external = save_model(model, path, weight_bytes(model) > external_data_threshold)
     del model
     check_written_model(path)
-    parity = verify_parity(path, config, weights, precision) if verify else {"measured": False}
+    parity = verify_parity(path, config, ref, precision) if ref else {"measured": False}
     model = onnx.load(str(path), load_external_data=False)
     onnx.helper.set_model_props(
         model,
@@ -463,6 +471,7 @@ def export_checkpoint(
     ckpt = resolve(checkpoint)
     _check_out_dir(out, ckpt, force)
     precision = precision_of(dtype, quantize)
+    check_attention(attention)
     model_file = MODEL_FILES[precision]
     config, weights, tokenizer = _load_checkpoint(ckpt)
     outcome: dict[str, Any] = {}
@@ -472,7 +481,7 @@ def export_checkpoint(
         outcome["parity"], outcome["external"] = write_checked_model(
             tmp / model_file,
             config,
-            weights,
+            weights,  # handed over: emptied once no longer needed
             attention,
             precision,
             verify,

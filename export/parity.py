@@ -20,6 +20,7 @@ Four situations are measured, as the largest absolute logit difference:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -100,48 +101,80 @@ def reference_logits(
         x = x + _linear(y, w, f"{p}.attn.c_proj")
         h = _gelu(_linear(_layer_norm(x, w, f"{p}.ln_2"), w, f"{p}.mlp.c_fc"), config.activation)
         x = x + _linear(h, w, f"{p}.mlp.c_proj")
-    return _layer_norm(x, w, "ln_f") @ w["wte.weight"].T.astype(np.float64)
+    return _head(_layer_norm(x, w, "ln_f"), w["wte.weight"])
+
+
+def _head(x: np.ndarray, wte: np.ndarray, rows: int = 4096) -> np.ndarray:
+    """``x @ wte^T`` in float64, ``rows`` vocabulary rows at a time (GPT-2's 50257 x 768
+    embedding would otherwise need a 309 MB float64 copy)."""
+    chunks = [x @ wte[i : i + rows].T.astype(np.float64) for i in range(0, len(wte), rows)]
+    return np.concatenate(chunks, axis=-1)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The parity inputs and their reference logits, computed before any onnxruntime session.
+
+    ``ids`` ``(1, T)`` random tokens; ``logits`` their float64 logits; ``short`` the logits
+    of the left-padded batch row (``ids`` rolled by one, its first ``pad`` tokens masked)
+    run alone. Computing these first lets the exporter drop the checkpoint's weights before
+    onnxruntime loads the model, so the two are never in memory together.
+    """
+
+    ids: np.ndarray
+    logits: np.ndarray
+    short: np.ndarray
+    pad: int
+
+
+def reference(weights: dict[str, np.ndarray], config: GPTConfig, seed: int = 0) -> Reference:
+    """The :class:`Reference` of the checkpoint's float32 ``weights`` (the model as trained)."""
+    T = min(config.block_size, 12)
+    ids = np.random.default_rng(seed).integers(0, config.vocab_size, (1, T))
+    pad = T // 3
+    short = reference_logits(weights, config, np.roll(ids, 1)[:, pad:])
+    return Reference(ids, reference_logits(weights, config, ids), short, pad)
 
 
 def measure_parity(
-    model: OnnxGPT, weights: dict[str, np.ndarray], seed: int = 0, precision: str = "float32"
+    model: OnnxGPT, ref: Reference | dict[str, np.ndarray], precision: str = "float32"
 ) -> dict[str, Any]:
     """Largest |ORT - numpy reference| logit difference in each situation (module docstring).
 
-    ``weights`` are the checkpoint's float32 weights whatever the export's ``precision``
-    (the reference is the model as trained), which sets the bound (:func:`tolerance`).
+    ``ref``: a :class:`Reference`, or the checkpoint's float32 weights to compute one from,
+    whatever the export's ``precision``, which sets the bound (:func:`tolerance`).
     """
-    config = model.config
-    T = min(config.block_size, 12)
-    ids = np.random.default_rng(seed).integers(0, config.vocab_size, (1, T))
-    ref = reference_logits(weights, config, ids)
+    if not isinstance(ref, Reference):
+        ref = reference(ref, model.config)
+    ids, expected, pad = ref.ids, ref.logits, ref.pad
+    T = ids.shape[1]
 
     def diff(a: np.ndarray, b: np.ndarray) -> float:
         return float(np.max(np.abs(a.astype(np.float64) - b)))
 
     figures: dict[str, Any] = {"reference": "numpy float64", "sequence_length": T}
     logits, _ = model.forward(ids)
-    figures["prompt"] = diff(logits, ref)
+    figures["prompt"] = diff(logits, expected)
     if T >= 2:
         _, past = model.forward(ids[:, :-1])
         logits, _ = model.forward(ids[:, -1:], past=past)
-        figures["decode_step"] = diff(logits[:, -1], ref[:, -1])
+        figures["decode_step"] = diff(logits[:, -1], expected[:, -1])
         split = T // 2
         _, past = model.forward(ids[:, :split])
         logits, _ = model.forward(ids[:, split:], past=past)
-        figures["chunk_after_past"] = diff(logits, ref[:, split:])
+        figures["chunk_after_past"] = diff(logits, expected[:, split:])
 
-    pad = T // 3
     batch = np.vstack([ids, np.roll(ids, 1), ids])
     mask = np.ones((3, T), np.int64)
     mask[1, :pad] = 0
     mask[2, :] = 0
     logits, present = model.forward(batch, mask)
-    short = reference_logits(weights, config, batch[1:2, pad:])
-    figures["left_padded_batch"] = max(diff(logits[0], ref[0]), diff(logits[1, pad:], short[0]))
+    figures["left_padded_batch"] = max(
+        diff(logits[0], expected[0]), diff(logits[1, pad:], ref.short[0])
+    )
     tensors = [logits] + [t for kv in present for t in kv]
     figures["fully_padded_row_finite"] = bool(all(np.isfinite(t).all() for t in tensors))
-    figures["max_abs_logit"] = float(np.max(np.abs(ref)))
+    figures["max_abs_logit"] = float(np.max(np.abs(expected)))
     diffs = [v for k, v in figures.items() if k in DIFF_KEYS]
     figures["max_abs_diff"] = float(np.max(diffs))  # NaN if any is NaN (Python's max drops it)
     figures["precision"] = precision
