@@ -299,8 +299,9 @@ def _check_float16_range(weights: dict[str, np.ndarray]) -> None:
             )
 
 
-def quantize_int8(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
-    """``model`` with dynamic int8 MatMul weights, by onnxruntime's own ``quantize_dynamic``.
+def quantize_int8(source: Path, target: Path) -> onnx.ModelProto:
+    """The model at ``source`` with dynamic int8 MatMul weights, by onnxruntime's own
+    ``quantize_dynamic`` (written at ``target`` with external data, and loaded).
 
     Every MatMul whose weight is an initializer gets int8 weights (one scale per tensor,
     symmetric) and quantizes its input to uint8 at run time, per call
@@ -308,14 +309,11 @@ def quantize_int8(model: onnx.ModelProto, scratch: Path) -> onnx.ModelProto:
     onnxruntime fuses). Only MatMul: by default the tool also rewrites the standard
     ``Attention`` operator into an invalid contrib operator, and would quantize the
     embedding Gather; the attention products (q k^T, p v) have no constant weight and stay
-    float32. Runs on the graph as built, before any optimisation, through files in
-    ``scratch`` (weights as external data, so a model above 2 GiB works too). ``model``
-    itself is emptied of its weights by the save.
+    float32. Runs on the graph as built, before any optimisation, from files (weights as
+    external data, so a model above 2 GiB works too).
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    source, target = scratch / "float32.onnx", scratch / "int8.onnx"
-    onnx.save_model(model, source, save_as_external_data=True, location=source.name + "_data")
     logging.disable(logging.WARNING)  # its advice to pre-process (shape inference) first
     try:
         quantize_dynamic(
@@ -425,11 +423,14 @@ def write_checked_model(
     model = build_graph(config, weights, attention, precision)
     ref = reference(weights, config) if verify else None
     weights.clear()  # the last references to the checkpoint's arrays
-    if precision == "int8":
+    if precision == "int8":  # the float32 model goes to a file and out of memory first
         with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
-            model = quantize_int8(model, Path(scratch))
+            source = Path(scratch) / "float32.onnx"
+            save_model(model, source, external=True)
+            del model  # upb frees the weights only with the whole message
+            model = quantize_int8(source, source.with_name("int8.onnx"))
     external = save_model(model, path, weight_bytes(model) > external_data_threshold)
-    del model
+    del model  # written: the checker and onnxruntime read the file
     check_written_model(path)
     parity = verify_parity(path, config, ref, precision) if ref else {"measured": False}
     model = onnx.load(str(path), load_external_data=False)

@@ -4,6 +4,7 @@ Each measurement runs in a fresh Python process, which reports its own peak resi
 size when it is done (``VmHWM`` in ``/proc/self/status``: Linux only)::
 
     python scripts/bench_export_memory.py                       # GPT-2 124M: export + training
+    python scripts/bench_export_memory.py --shape over-2gib --exports float32 float16 --no-train
     python scripts/bench_export_memory.py --shape tiny --no-train   # seconds (the smoke test)
 
 * **export**: a random checkpoint of the shape (``gpt2``: 12 layers, 12 heads, 768 wide,
@@ -33,6 +34,15 @@ import numpy as np
 
 SHAPES = {
     "gpt2": {"vocab_size": 50257, "block_size": 1024, "n_layer": 12, "n_head": 12, "n_embd": 768},
+    # GPT-2's vocabulary, 30 x 1280: 655M parameters, 2.4 GiB of float32 weights (> 2 GiB:
+    # written as external data whatever the option)
+    "over-2gib": {
+        "vocab_size": 50257,
+        "block_size": 1024,
+        "n_layer": 30,
+        "n_head": 20,
+        "n_embd": 1280,
+    },
     "tiny": {"vocab_size": 300, "block_size": 32, "n_layer": 2, "n_head": 2, "n_embd": 32},
 }
 # export_checkpoint options of each measured export; "+external" forces external data, the

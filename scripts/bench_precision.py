@@ -4,19 +4,22 @@ Each precision is exported with ``mlxgpt export`` (``--quantize int8``, ``--dtyp
 ``int8, head float32`` is the ablation that leaves the LM head unquantized) and compared
 with the float32 export::
 
-    python scripts/bench_precision.py out/tiny-char --prompt "ROMEO:" --tokens 256
+    python scripts/bench_precision.py out/tiny-char --prompt "ROMEO:" --prompt "KING" --tokens 256
     python scripts/bench_precision.py --preset shakespeare-char     # random weights
 
-* **greedy agreement**: the float32 export generates ``--tokens`` greedy tokens; every other
-  export then predicts each of those positions from the same context (teacher forcing,
-  sliding window included) and the share of arg-max tokens equal to float32's is shown,
-  with the largest and mean |logit difference| to float32 over those positions;
-* **same text for**: how many tokens its own free-running greedy text matches float32's;
+* **greedy agreement**: the float32 export generates ``--tokens`` greedy tokens after each
+  ``--prompt``; every other export then predicts each of those positions from the same
+  context (teacher forcing, sliding window included) and the share of arg-max tokens equal
+  to float32's, pooled over all prompts, is shown, with the largest and mean |logit
+  difference| to float32 over those positions;
+* **same text for**: how many tokens its own free-running greedy text matches float32's
+  (fewest-most over the prompts);
 * **decode tok/s**: cached greedy decoding of ``--speed-tokens`` tokens inside the window
   (prompt: the start token), sampling and Python included; **decode step ms**: the graph
-  alone, one token after a past of half a window (mean of 20 calls); **prefill ms**: a full
-  window. Each precision in turn in every round (interleaved, so all share the machine's
-  load), medians of ``--rounds``; "vs float32" is a speed ratio (> 1: faster).
+  alone (``session.run``), one token after a past of half a window (mean of 20 calls);
+  **prefill ms**: a full window. Each precision in turn in every round (interleaved, so
+  all share the machine's load), medians of ``--rounds``; "vs float32" is a speed ratio
+  (> 1: faster).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from mlxgpt.config import load_train_config
 from mlxgpt.sampling import SamplingParams
 from mlxgpt.tokenizer import prompt_ids
 from mlxgpt_export import exporter
+from mlxgpt_export import signature as sig
 from mlxgpt_export.runtime import OnnxGPT
 
 # name: export_checkpoint options (and whether the int8 head is quantized)
@@ -75,45 +79,69 @@ def teacher_forced_logits(model: OnnxGPT, ids: list[int], start: int) -> np.ndar
     return np.stack(rows).astype(np.float64)
 
 
-def agreement(models: dict[str, OnnxGPT], prompt: list[int], tokens: int) -> dict[str, dict]:
+def agreement(models: dict[str, OnnxGPT], prompts: list[list[int]], tokens: int) -> dict[str, dict]:
+    """Teacher-forced arg-max agreement with float32, pooled over every prompt's positions."""
     reference = models["float32"]
-    generated = list(reference.generate_ids(prompt, tokens, GREEDY))
-    ids = prompt + generated
-    ref_logits = teacher_forced_logits(reference, ids, len(prompt))
+    tallies: dict[str, dict] = {n: {"diffs": [], "hits": 0, "same": []} for n in models}
+    total = 0
+    for prompt in prompts:
+        generated = list(reference.generate_ids(prompt, tokens, GREEDY))
+        ids = prompt + generated
+        ref_logits = teacher_forced_logits(reference, ids, len(prompt))
+        total += len(generated)
+        for name, model in models.items():
+            logits = teacher_forced_logits(model, ids, len(prompt))
+            tally = tallies[name]
+            tally["diffs"].append(np.abs(logits - ref_logits))
+            tally["hits"] += int(np.sum(logits.argmax(-1) == np.array(generated)))
+            own = list(model.generate_ids(prompt, tokens, GREEDY))
+            pairs = enumerate(zip(own, generated, strict=False))  # a BPE text may end early
+            tally["same"].append(
+                next((i for i, (a, b) in pairs if a != b), min(len(own), len(generated)))
+            )
     out = {}
-    for name, model in models.items():
-        logits = teacher_forced_logits(model, ids, len(prompt))
-        diff = np.abs(logits - ref_logits)
-        own = list(model.generate_ids(prompt, tokens, GREEDY))
-        pairs = enumerate(zip(own, generated, strict=False))  # a BPE text may end early
-        same = next((i for i, (a, b) in pairs if a != b), min(len(own), len(generated)))
+    for name, tally in tallies.items():
+        diffs = np.concatenate([d.ravel() for d in tally["diffs"]])
         out[name] = {
-            "agreement": float(np.mean(logits.argmax(-1) == np.array(generated))),
-            "max_logit_diff": float(diff.max()),
-            "mean_logit_diff": float(diff.mean()),
-            "same_text_tokens": same,
-            "tokens": len(generated),
+            "agreement": tally["hits"] / total,
+            "max_logit_diff": float(diffs.max()),
+            "mean_logit_diff": float(diffs.mean()),
+            "same_text_tokens": tally["same"],  # per prompt: tokens before the first change
+            "tokens": tokens,
+            "positions": total,
         }
     return out
+
+
+def step_feeds(model: OnnxGPT) -> tuple[list[str], dict[str, np.ndarray]]:
+    """The session inputs of one decode step: a token after a past of half a window."""
+    start_id, past_len = model.tokenizer.start_id, model.config.block_size // 2
+    _, past = model.forward([[start_id] * past_len])
+    feeds = {
+        sig.INPUT_IDS: np.array([[start_id]], np.int64),
+        sig.ATTENTION_MASK: np.ones((1, past_len + 1), np.int64),
+        sig.POSITION_IDS: np.array([[past_len]], np.int64),
+    }
+    for i, (key, value) in enumerate(past):
+        feeds.update(zip(sig.past_names(i), (key, value), strict=True))
+    return sig.output_names(model.config.n_layer), feeds
 
 
 def timings(models: dict[str, OnnxGPT], tokens: int, rounds: int) -> dict[str, dict]:
     """Median decode tok/s, decode-step ms (the graph alone) and prefill ms, interleaved."""
     kinds = ("decode", "step", "prefill")
     samples = {name: {kind: [] for kind in kinds} for name in models}
-    pasts = {}
-    for name, model in models.items():  # the step: one token after half a window
-        half = [[model.tokenizer.start_id] * (model.config.block_size // 2)]
-        pasts[name] = model.forward(half)[1]
+    steps = {name: step_feeds(model) for name, model in models.items()}
     for _ in range(rounds):
         for name, model in models.items():
             start_id = model.tokenizer.start_id
             begin = time.perf_counter()
             list(model.generate_ids([start_id], tokens, GREEDY))
             samples[name]["decode"].append(tokens / (time.perf_counter() - begin))
+            outputs, feeds = steps[name]
             begin = time.perf_counter()
             for _ in range(STEP_REPEATS):
-                model.forward([[start_id]], past=pasts[name])
+                model.session.run(outputs, feeds)
             samples[name]["step"].append(1e3 * (time.perf_counter() - begin) / STEP_REPEATS)
             begin = time.perf_counter()
             model.forward([[start_id] * model.config.block_size])
@@ -140,7 +168,7 @@ def folder_mb(folder: Path) -> float:
 def run(
     ckpt: Path,
     work: Path,
-    prompt: str,
+    prompts: list[str],
     tokens: int,
     speed_tokens: int,
     rounds: int,
@@ -153,8 +181,8 @@ def run(
         with head_quantized(quantize_head):
             exporter.export_checkpoint(ckpt, folder, attention=attention, quiet=True, **options)
         models[name], sizes[name] = OnnxGPT.load(folder, threads=threads), folder_mb(folder)
-    ids = prompt_ids(models["float32"].tokenizer, prompt)
-    quality = agreement(models, ids, tokens)
+    tokenizer = models["float32"].tokenizer
+    quality = agreement(models, [prompt_ids(tokenizer, p) for p in prompts], tokens)
     block = models["float32"].config.block_size
     speed = timings(models, max(1, min(speed_tokens, block - 1)), rounds)
     return [{"precision": n, "onnx_mb": sizes[n], **quality[n], **speed[n]} for n in VARIANTS]
@@ -172,7 +200,7 @@ def print_table(rows: list[dict]) -> None:
         print(
             f"| {r['precision']} | {r['onnx_mb']:.3g} | {100 * r['agreement']:.1f}% "
             f"| {r['max_logit_diff']:.2g} / {r['mean_logit_diff']:.2g} "
-            f"| {r['same_text_tokens']}/{r['tokens']} tokens "
+            f"| {min(r['same_text_tokens'])}-{max(r['same_text_tokens'])} of {r['tokens']} "
             f"| {r['decode_tok_s']:,.0f} ({low:,.0f}-{high:,.0f}) "
             f"| {r['decode_vs_float32']:.2f}x | {r['step_ms']:.3g} | {r['step_speedup']:.2f}x "
             f"| {r['prefill_ms']:.3g} | {r['prefill_speedup']:.2f}x |"
@@ -183,7 +211,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", nargs="?", help="default: random weights of --preset")
     parser.add_argument("--preset", default="tiny-char", help="shape of the random weights")
-    parser.add_argument("--prompt", default="", help="default: the start token")
+    parser.add_argument(
+        "--prompt", action="append", help="repeat for several (default: the start token)"
+    )
     parser.add_argument("--tokens", type=int, default=256, help="greedy tokens compared")
     parser.add_argument("--speed-tokens", type=int, default=200, help="decode tokens timed")
     parser.add_argument("--rounds", type=int, default=5)
@@ -202,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         rows = run(
             ckpt,
             Path(tmp),
-            args.prompt,
+            args.prompt or [""],
             args.tokens,
             args.speed_tokens,
             args.rounds,
