@@ -4,7 +4,10 @@ The folder (written atomically: a failed export leaves nothing behind) is a Hugg
 model folder, so each client loads it with its own standard call, nothing written by hand::
 
     onnx/model.onnx          the graph of mlxgpt_export.graph, weights inside (stored once);
-                             metadata_props: mlxgpt_version, model_config, attention, parity
+                             metadata_props: mlxgpt_version, model_config, attention,
+                             dtype, quantization, parity. Named by precision (MODEL_FILES:
+                             model_fp16.onnx, model_quantized.onnx); weights above
+                             ``external_data_threshold`` (2 GiB) in "<file>_data" beside it
     config.json              Hugging Face GPT-2 config (model_type "gpt2") with mlxgpt's
                              GPTConfig under "mlxgpt" (mlxgpt.hf_config)
     generation_config.json   default sampling settings (mlxgpt.sampling), bos/eos/pad ids
@@ -26,10 +29,16 @@ the newline would make ``decode(skip_special_tokens=True)`` delete every newline
 transformers. The one exception is forced by onnxruntime-genai, which requires an
 ``eos_token_id`` inside the vocabulary: see :func:`genai_stop_id`.
 
-Only numpy, safetensors, onnx and onnxruntime are used: no MLX. Before anything is written
-the graph is checked (``onnx.checker`` with ``full_check``) and, unless ``verify=False``,
-run in onnxruntime against a numpy reference (:mod:`mlxgpt_export.parity`); the figures measured
-go into the model's metadata.
+**Precisions** (:func:`precision_of`): float32; float16 (:mod:`mlxgpt_export.graph` builds it
+in half precision); int8 (onnxruntime's ``quantize_dynamic`` on the float32 graph:
+:func:`quantize_int8`).
+
+Only numpy, safetensors, onnx and onnxruntime are used: no MLX. The model file is written
+into the export's temporary folder, checked there (``onnx.checker`` with ``full_check``)
+and, unless ``verify=False``, run in onnxruntime against a numpy reference
+(:mod:`mlxgpt_export.parity`); the figures measured go into the model's metadata. A failure
+removes the temporary folder: nothing is written. :func:`write_checked_model` says how
+the memory peak is kept low.
 """
 
 from __future__ import annotations
@@ -432,10 +441,11 @@ def write_checked_model(
     external = save_model(model, path, weight_bytes(model) > external_data_threshold)
     del model  # written: the checker and onnxruntime read the file
     check_written_model(path)
-    parity = verify_parity(path, config, ref, precision) if ref else {"measured": False}
-    model = onnx.load(str(path), load_external_data=False)
-    onnx.helper.set_model_props(
-        model,
+    parity = {"measured": False}
+    if ref is not None:
+        parity = verify_parity(path, config, ref, precision)
+    write_metadata(
+        path,
         {
             "mlxgpt_version": mlxgpt.__version__,
             "model_config": json.dumps(dataclasses.asdict(config)),
@@ -445,9 +455,15 @@ def write_checked_model(
             "parity": json.dumps(parity),
         },
     )
+    return parity, external
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set the model file's ``metadata_props`` (its external data file is left as it is)."""
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.helper.set_model_props(model, metadata)
     onnx.save_model(model, path)
     _fsync(path)
-    return parity, external
 
 
 def export_checkpoint(

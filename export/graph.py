@@ -134,7 +134,7 @@ def attention_bias(g: _Graph, dtype: Any = np.float32) -> str:
     for the float16 graph's fused form, whose ``Attention`` operator takes a mask of its
     inputs' type. There the value is *half* float16's most negative finite number
     (``MASK_MIN_FLOAT16`` = -32752): float16 arithmetic has so little headroom that the
-    finite minimum -65504 plus any score below -16 rounds to ``-inf`` (float32's minimum
+    finite minimum -65504 plus any score of -16 or less rounds to ``-inf`` (float32's minimum
     absorbs any realistic score), while -32752 leaves room for scores down to -32752, and
     ``exp(-32752 + s)`` is still exactly 0 next to any visible key.
     """

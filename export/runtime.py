@@ -320,9 +320,11 @@ class OnnxGPT:
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
         """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`).
 
-        Reads ``onnx/model.onnx`` (or a legacy folder's ``model.onnx``), ``config.json``,
-        ``tokenizer.json`` and ``generation_config.json``, and checks that the config is the
-        one recorded in the model's metadata when it was exported.
+        Reads the model file (``onnx/model.onnx``, ``model_fp16.onnx`` or
+        ``model_quantized.onnx`` with any ``<file>_data`` beside it, or a legacy folder's
+        ``model.onnx``), ``config.json``, ``tokenizer.json`` and ``generation_config.json``,
+        and checks that the config is the one recorded in the model's metadata when it was
+        exported.
         """
         folder = Path(folder)
         model_path = find_model_file(folder)
