@@ -68,15 +68,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+PRECISIONS = {  # (dtype, quantization) metadata -> what it means
+    ("float32", "none"): "float32",
+    ("float16", "none"): "float16 (weights, activations, past/present; LayerNorm statistics, "
+    "softmax and logits float32)",
+    ("float32", "int8"): "int8 (MatMul weights int8, inputs quantized per call; embeddings, "
+    "past/present and logits float32)",
+}
+
+
+def _files(folder: Path, model_path: Path) -> str:
+    """The model file and its external data file, if any, with their sizes."""
+    data = model_path.with_name(model_path.name + "_data")
+    shown = [p for p in (model_path, data) if p.is_file()]
+    return " + ".join(f"{p.relative_to(folder)} {p.stat().st_size / 1e6:.3g} MB" for p in shown)
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     model = OnnxGPT.load(args.folder)
     meta = model.session.get_modelmeta().custom_metadata_map
-    path = model.model_path
+    folder = Path(args.folder)
     print(
-        f"{args.folder}: {path.relative_to(args.folder)} {path.stat().st_size / 1e6:.3g} MB, "
-        "exported by mlxgpt "
+        f"{args.folder}: {_files(folder, model.model_path)}, exported by mlxgpt "
         f"{meta.get('mlxgpt_version', '?')}, {meta.get('attention', '?')} attention"
     )
+    precision = (meta.get("dtype", "float32"), meta.get("quantization", "none"))
+    print(f"precision: {PRECISIONS.get(precision, ' / '.join(precision))}")
     print(f"model config: {meta.get('model_config', '?')}")
     print(f"generation defaults: {json.dumps(model.generation)}")
     print(f"parity measured at export: {meta.get('parity', '?')}")

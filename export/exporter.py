@@ -4,7 +4,10 @@ The folder (written atomically: a failed export leaves nothing behind) is a Hugg
 model folder, so each client loads it with its own standard call, nothing written by hand::
 
     onnx/model.onnx          the graph of mlxgpt_export.graph, weights inside (stored once);
-                             metadata_props: mlxgpt_version, model_config, attention, parity
+                             metadata_props: mlxgpt_version, model_config, attention,
+                             dtype, quantization, parity. Named by precision (MODEL_FILES:
+                             model_fp16.onnx, model_quantized.onnx); weights above
+                             ``external_data_threshold`` (2 GiB) in "<file>_data" beside it
     config.json              Hugging Face GPT-2 config (model_type "gpt2") with mlxgpt's
                              GPTConfig under "mlxgpt" (mlxgpt.hf_config)
     generation_config.json   default sampling settings (mlxgpt.sampling), bos/eos/pad ids
@@ -26,17 +29,26 @@ the newline would make ``decode(skip_special_tokens=True)`` delete every newline
 transformers. The one exception is forced by onnxruntime-genai, which requires an
 ``eos_token_id`` inside the vocabulary: see :func:`genai_stop_id`.
 
-Only numpy, safetensors, onnx and onnxruntime are used: no MLX. Before anything is written
-the graph is checked (``onnx.checker`` with ``full_check``) and, unless ``verify=False``,
-run in onnxruntime against a numpy reference (:mod:`mlxgpt_export.parity`); the figures measured
-go into the model's metadata.
+**Precisions** (:func:`precision_of`): float32; float16 (:mod:`mlxgpt_export.graph` builds it
+in half precision); int8 (onnxruntime's ``quantize_dynamic`` on the float32 graph:
+:func:`quantize_int8`).
+
+Only numpy, safetensors, onnx and onnxruntime are used: no MLX. The model file is written
+into the export's temporary folder, checked there (``onnx.checker`` with ``full_check``)
+and, unless ``verify=False``, run in onnxruntime against a numpy reference
+(:mod:`mlxgpt_export.parity`); the figures measured go into the model's metadata. A failure
+removes the temporary folder: nothing is written. :func:`write_checked_model` says how
+the memory peak is kept low.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -63,14 +75,15 @@ from mlxgpt.hf_config import (
 from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportError
-from mlxgpt_export.graph import ATTENTION_FORMS, OPSETS, build_model
-from mlxgpt_export.parity import DIFF_KEYS, measure_parity
+from mlxgpt_export.graph import ATTENTION_FORMS, DTYPES, OPSETS, build_model
+from mlxgpt_export.parity import DIFF_KEYS, Reference, measure_parity, reference
 from mlxgpt_export.runtime import (
     CONFIG_FILE,
     GENERATION_FILE,
     LEGACY_MODEL_FILE,
     MLXGPT_KEY,
     MODEL_FILE,
+    MODEL_FILES,
     TOKENIZER_FILE,
     OnnxGPT,
     make_session,
@@ -92,11 +105,22 @@ EXPORT_ENTRIES = (
 )
 
 PROTOBUF_LIMIT = 2**31 - 2**24  # one .onnx file holds < 2 GiB; keep 16 MiB for the graph
+EXTERNAL_DATA_SUFFIX = "_data"  # onnx/model.onnx -> onnx/model.onnx_data (transformers.js')
+QUANTIZATIONS = ("int8",)
+# transformers.js's name for each precision: its `dtype` option picks the file by it.
+JS_DTYPES = {"float32": "fp32", "float16": "fp16", "int8": "q8"}
+# int8: quantize the LM head too (its own int8 copy of wte^T; the input Gather keeps the
+# float32 wte, so token embeddings stay exact). Measured in scripts/bench_precision.py.
+QUANTIZE_HEAD = True
 # What `--force` may replace: a folder whose entries are all ones an export writes (today's
 # EXPORT_ENTRIES, or the model file at the top of a folder exported before the onnx/ layout)
 # and that carries mlxgpt's mark; inside onnx/, only the model files an export writes.
 REPLACEABLE_ENTRIES = frozenset((*EXPORT_ENTRIES, LEGACY_MODEL_FILE))
-MODEL_DIR_ENTRIES = frozenset((MODEL_FILE.split("/")[1],))
+MODEL_DIR_ENTRIES = frozenset(
+    name + suffix
+    for name in (Path(f).name for f in MODEL_FILES.values())
+    for suffix in ("", EXTERNAL_DATA_SUFFIX)
+)
 
 
 def genai_stop_id(tokenizer: Tokenizer) -> int:
@@ -113,12 +137,34 @@ def genai_stop_id(tokenizer: Tokenizer) -> int:
     return tokenizer.eos_id if tokenizer.eos_id is not None else tokenizer.vocab_size - 1
 
 
-def model_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+def transformers_js_config(precision: str, external: bool) -> dict[str, Any]:
+    """``config.json``'s ``transformers.js_config``: which file transformers.js loads.
+
+    Its ``dtype`` picks the file by suffix (``fp32``: model.onnx, ``fp16``: model_fp16.onnx,
+    ``q8``: model_quantized.onnx), so ``from_pretrained(name)`` finds this folder's one model
+    without a ``dtype`` option; ``use_external_data_format`` names the file whose weights
+    sit in ``<file>_data`` (one chunk).
+    """
+    js: dict[str, Any] = {"dtype": JS_DTYPES[precision]}
+    if external:
+        js["use_external_data_format"] = {Path(MODEL_FILES[precision]).name: 1}
+    return js
+
+
+def model_config(
+    config: GPTConfig, tokenizer: Tokenizer, precision: str = "float32", external: bool = False
+) -> dict[str, Any]:
     """``config.json``: GPT-2's keys for the clients, mlxgpt's GPTConfig for mlxgpt-ort."""
-    return {**hf_model_config(config, tokenizer), MLXGPT_KEY: dataclasses.asdict(config)}
+    return {
+        **hf_model_config(config, tokenizer),
+        "transformers.js_config": transformers_js_config(precision, external),
+        MLXGPT_KEY: dataclasses.asdict(config),
+    }
 
 
-def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
+def genai_config(
+    config: GPTConfig, tokenizer: Tokenizer, model_file: str = MODEL_FILE
+) -> dict[str, Any]:
     """``genai_config.json``: onnxruntime-genai's description of the same graph.
 
     ``past_present_share_buffer`` is false: the graph returns ``present`` as a new tensor
@@ -140,7 +186,7 @@ def genai_config(config: GPTConfig, tokenizer: Tokenizer) -> dict[str, Any]:
             "eos_token_id": stop,
             "pad_token_id": stop,
             "decoder": {
-                "filename": MODEL_FILE,
+                "filename": model_file,
                 "session_options": {"log_id": "mlxgpt", "provider_options": []},
                 "head_size": config.head_size,
                 "hidden_size": config.n_embd,
@@ -216,12 +262,6 @@ def _load_checkpoint(ckpt: Path) -> tuple[GPTConfig, dict[str, np.ndarray], Toke
     config = read_config(ckpt)
     weights = read_weights(ckpt, config)
     tokenizer = read_tokenizer(ckpt, config)
-    size = sum(w.nbytes for w in weights.values())
-    if size > PROTOBUF_LIMIT:
-        raise ExportError(
-            f"the model has {size / 2**30:.1f} GiB of weights; a single-file ONNX model holds "
-            "less than 2 GiB and ONNX external data is not supported by this exporter yet"
-        )
     return config, weights, tokenizer.for_clients()
 
 
@@ -233,38 +273,187 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def build_checked_model(
-    config: GPTConfig, weights: dict[str, np.ndarray], attention: str, verify: bool
-) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    """The checked ONNX model with its metadata, and the parity figures (measured first)."""
+def precision_of(dtype: str = "float32", quantize: str | None = None) -> str:
+    """The export's precision: ``"float32"``, ``"float16"`` or ``"int8"`` (a key of MODEL_FILES)."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    if quantize is None:
+        return dtype
+    if quantize not in QUANTIZATIONS:
+        raise ExportError(f"--quantize must be one of {', '.join(QUANTIZATIONS)}, got {quantize!r}")
+    if dtype != "float32":
+        raise ExportError(
+            f"--quantize {quantize} quantizes the float32 graph: leave out --dtype {dtype}"
+        )
+    return quantize
+
+
+def _check_float16_range(weights: dict[str, np.ndarray]) -> None:
+    limit = float(np.finfo(np.float16).max)
+    for name, w in weights.items():
+        if w.size and float(np.abs(w).max()) > limit:
+            raise ExportError(
+                f"{name} holds values beyond float16's range (|w| up to "
+                f"{float(np.abs(w).max()):.3g} > {limit:g}): export it in float32 (no --dtype)"
+            )
+
+
+def quantize_int8(source: Path, target: Path) -> onnx.ModelProto:
+    """The model at ``source`` with dynamic int8 MatMul weights, by onnxruntime's own
+    ``quantize_dynamic`` (written at ``target`` with external data, and loaded).
+
+    Every MatMul whose weight is an initializer gets int8 weights (one scale per tensor,
+    symmetric) and quantizes its input to uint8 at run time, per call
+    (``DynamicQuantizeLinear`` + ``MatMulInteger``: standard ONNX operators, which
+    onnxruntime fuses). Only MatMul: by default the tool also rewrites the standard
+    ``Attention`` operator into an invalid contrib operator, and would quantize the
+    embedding Gather; the attention products (q k^T, p v) have no constant weight and stay
+    float32. Runs on the graph as built, before any optimisation, from files (weights as
+    external data, so a model above 2 GiB works too).
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    logging.disable(logging.WARNING)  # its advice to pre-process (shape inference) first
+    try:
+        quantize_dynamic(
+            source,
+            target,
+            op_types_to_quantize=["MatMul"],
+            weight_type=QuantType.QInt8,
+            use_external_data_format=True,
+        )
+    finally:
+        logging.disable(logging.NOTSET)
+    return onnx.load(target)  # weights back in memory (a quarter of float32's)
+
+
+def check_attention(attention: str) -> None:
     if attention not in ATTENTION_FORMS:
         raise ExportError(
             f"--attention must be one of {', '.join(ATTENTION_FORMS)}, got {attention!r}"
         )
-    model = build_model(config, weights, attention)
+
+
+def build_graph(
+    config: GPTConfig, weights: dict[str, np.ndarray], attention: str, precision: str
+) -> onnx.ModelProto:
+    """The ONNX model of ``precision`` before quantization (int8: see quantize_int8)."""
+    check_attention(attention)
+    if precision == "float16":
+        _check_float16_range(weights)
+        return build_model(config, weights, attention, "float16")
+    separate_head = precision == "int8" and QUANTIZE_HEAD
+    return build_model(config, weights, attention, separate_head=separate_head)
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_model(model: onnx.ModelProto, path: Path, external: bool) -> bool:
+    """Write ``model`` to ``path``: one file, or (``external``) the graph there and its
+    weights in ``path`` + ``_data`` (ONNX external data; ``model``'s weights are moved out
+    of memory as they are written). Returns whether a data file was written.
+
+    Tensors under 1 KiB (onnx's default threshold) stay in the graph: the shapes and axes
+    the checker's shape inference must read, and every tensor of a very small model.
+    """
+    data = path.with_name(path.name + EXTERNAL_DATA_SUFFIX)
+    if external:
+        onnx.save_model(
+            model,
+            path,
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=data.name,
+        )
+        shutil.copymode(path, data)  # onnx creates it private (0600); share it like the graph
+    else:
+        onnx.save_model(model, path)
+    for written in (path, data):
+        if written.exists():
+            _fsync(written)
+    return data.exists()
+
+
+def check_written_model(path: Path) -> None:
+    """``onnx.checker`` with ``full_check`` on the written file (external data resolved)."""
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:  # a bug in the exporter, not the user's
         raise ExportError(f"internal error: the exported graph is invalid: {err}") from None
-    parity: dict[str, Any] = {"measured": False}
-    if verify:
-        session = make_session(model.SerializeToString())
-        parity = {"measured": True, **measure_parity(OnnxGPT(session, config), weights)}
-        if not parity["passed"]:
-            raise ExportError(
-                "parity check failed: onnxruntime and the numpy reference disagree "
-                f"(max |logit difference| {parity['max_abs_diff']:.3g} > {parity['tolerance']}, "
-                f"fully padded row finite: {parity['fully_padded_row_finite']}). "
-                "Nothing was written; please report this with the checkpoint's config.json."
-            )
-    metadata = {
-        "mlxgpt_version": mlxgpt.__version__,
-        "model_config": json.dumps(dataclasses.asdict(config)),
-        "attention": attention,
-        "parity": json.dumps(parity),
+
+
+def verify_parity(path: Path, config: GPTConfig, ref: Reference, precision: str) -> dict[str, Any]:
+    """Run the written model in onnxruntime against the numpy reference (mlxgpt_export.parity)."""
+    parity = {
+        "measured": True,
+        **measure_parity(OnnxGPT(make_session(path), config), ref, precision),
     }
+    if not parity["passed"]:
+        raise ExportError(
+            f"parity check failed ({precision}): onnxruntime and the numpy reference disagree "
+            f"(max |logit difference| {parity['max_abs_diff']:.3g} > {parity['tolerance']:.3g}, "
+            f"fully padded row finite: {parity['fully_padded_row_finite']}). "
+            "Nothing was written; please report this with the checkpoint's config.json."
+        )
+    return parity
+
+
+def write_checked_model(
+    path: Path,
+    config: GPTConfig,
+    weights: dict[str, np.ndarray],
+    attention: str = "portable",
+    precision: str = "float32",
+    verify: bool = True,
+    external_data_threshold: int = PROTOBUF_LIMIT,
+) -> tuple[dict[str, Any], bool]:
+    """Build, write, check and measure the model of ``weights`` at ``path``; its parity
+    figures, and whether its weights went to external data (``path`` + ``_data``, when
+    they exceed ``external_data_threshold`` bytes).
+
+    Peak memory is kept near two copies of the weights. ``weights`` is *emptied* once the
+    graph is built and the reference logits computed (the caller hands them over); the
+    model is dropped once written; the checker and onnxruntime read the file. The parity
+    figures then go into the file's metadata (only the small graph file is rewritten when
+    the weights are external).
+    """
+    model = build_graph(config, weights, attention, precision)
+    ref = reference(weights, config) if verify else None
+    weights.clear()  # the last references to the checkpoint's arrays
+    if precision == "int8":  # the float32 model goes to a file and out of memory first
+        with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+            source = Path(scratch) / "float32.onnx"
+            save_model(model, source, external=True)
+            del model  # upb frees the weights only with the whole message
+            model = quantize_int8(source, source.with_name("int8.onnx"))
+    external = save_model(model, path, weight_bytes(model) > external_data_threshold)
+    del model  # written: the checker and onnxruntime read the file
+    check_written_model(path)
+    parity = {"measured": False}
+    if ref is not None:
+        parity = verify_parity(path, config, ref, precision)
+    write_metadata(
+        path,
+        {
+            "mlxgpt_version": mlxgpt.__version__,
+            "model_config": json.dumps(dataclasses.asdict(config)),
+            "attention": attention,
+            "dtype": "float16" if precision == "float16" else "float32",
+            "quantization": precision if precision in QUANTIZATIONS else "none",
+            "parity": json.dumps(parity),
+        },
+    )
+    return parity, external
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set the model file's ``metadata_props`` (its external data file is left as it is)."""
+    model = onnx.load(str(path), load_external_data=False)
     onnx.helper.set_model_props(model, metadata)
-    return model, parity
+    onnx.save_model(model, path)
+    _fsync(path)
 
 
 def export_checkpoint(
@@ -274,38 +463,74 @@ def export_checkpoint(
     force: bool = False,
     verify: bool = True,
     quiet: bool = False,
+    dtype: str = "float32",
+    quantize: str | None = None,
+    external_data_threshold: int = PROTOBUF_LIMIT,
 ) -> Path:
-    """Export ``checkpoint`` (a training out_dir or its ckpt/) to the folder ``out_dir``."""
+    """Export ``checkpoint`` (a training out_dir or its ckpt/) to the folder ``out_dir``.
+
+    ``dtype="float16"`` writes a float16 graph (``onnx/model_fp16.onnx``), ``quantize="int8"``
+    a float32 graph with int8 MatMul weights (``onnx/model_quantized.onnx``). Weights above
+    ``external_data_threshold`` bytes (default: what one .onnx file can hold) are written
+    as ONNX external data beside the model file.
+    """
     out = Path(out_dir)
     ckpt = resolve(checkpoint)
     _check_out_dir(out, ckpt, force)
+    precision = precision_of(dtype, quantize)
+    check_attention(attention)
+    model_file = MODEL_FILES[precision]
     config, weights, tokenizer = _load_checkpoint(ckpt)
-    model, parity = build_checked_model(config, weights, attention, verify)
+    outcome: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
         (tmp / MODEL_DIR).mkdir()
-        onnx.save_model(model, str(tmp / MODEL_FILE))
-        _fsync(tmp / MODEL_FILE)  # write_atomic_dir syncs the top-level files only
-        _fsync(tmp / MODEL_DIR)
-        write_json(tmp / CONFIG_FILE, model_config(config, tokenizer))
+        outcome["parity"], outcome["external"] = write_checked_model(
+            tmp / model_file,
+            config,
+            weights,  # handed over: emptied once no longer needed
+            attention,
+            precision,
+            verify,
+            external_data_threshold,
+        )
+        _fsync(tmp / MODEL_DIR)  # write_atomic_dir syncs the top-level files only
+        external = outcome["external"]
+        write_json(tmp / CONFIG_FILE, model_config(config, tokenizer, precision, external))
         write_json(tmp / GENERATION_FILE, generation_config(config, tokenizer))
         tokenizer.save(tmp / TOKENIZER_FILE)
         write_json(tmp / TOKENIZER_CONFIG_FILE, tokenizer_config(config, tokenizer))
         write_json(tmp / SPECIAL_TOKENS_FILE, special_tokens_map(tokenizer))
-        write_json(tmp / GENAI_FILE, genai_config(config, tokenizer))
+        write_json(tmp / GENAI_FILE, genai_config(config, tokenizer, model_file))
 
     write_atomic_dir(out, write)
     if not quiet:
-        size = (out / MODEL_FILE).stat().st_size / 1e6
-        print(
-            f"exported {ckpt} -> {out}: {MODEL_FILE} ({size:.3g} MB, {attention} attention, "
-            f"opset {OPSETS[attention]}), {', '.join(EXPORT_ENTRIES[1:])}"
-        )
-        if parity["measured"]:
-            shown = ", ".join(f"{k} {parity[k]:.2g}" for k in DIFF_KEYS if k in parity)
-            print(
-                f"parity vs numpy reference, max |logit difference|: {shown}; "
-                f"fully padded row finite: {parity['fully_padded_row_finite']}"
-            )
-        print(f"run it: mlxgpt-ort generate {out} --prompt '...'")
+        _print_summary(ckpt, out, model_file, attention, precision, **outcome)
     return out
+
+
+def _print_summary(
+    ckpt: Path,
+    out: Path,
+    model_file: str,
+    attention: str,
+    precision: str,
+    parity: dict[str, Any],
+    external: bool,
+) -> None:
+    files = sorted(p for p in (out / MODEL_DIR).iterdir())
+    size = sum(p.stat().st_size for p in files) / 1e6
+    stored = " + ".join(f"{MODEL_DIR}/{p.name}" for p in files)
+    print(
+        f"exported {ckpt} -> {out}: {stored} ({size:.3g} MB, {precision}, {attention} attention, "
+        f"opset {OPSETS[attention]}{', external data' if external else ''}), "
+        f"{', '.join(EXPORT_ENTRIES[1:])}"
+    )
+    if parity["measured"]:
+        shown = ", ".join(f"{k} {parity[k]:.2g}" for k in DIFF_KEYS if k in parity)
+        print(
+            f"parity vs numpy reference, max |logit difference|: {shown} (bound "
+            f"{parity['tolerance']:.2g} for {precision}); fully padded row finite: "
+            f"{parity['fully_padded_row_finite']}"
+        )
+    print(f"run it: mlxgpt-ort generate {out} --prompt '...'")

@@ -23,8 +23,20 @@ Two forms of ``attention(...)``, chosen by ``attention=``:
 Weights: the checkpoint stores Linear weights as ``(out, in)``; the graph stores them
 transposed, ``(in, out)``, under ``<name>_t`` so each projection is one MatMul. The token
 embedding ``wte.weight`` is stored once and used twice: by the input Gather and, through
-a Transpose, by the LM head. Intermediate tensors are named ``/h.0/attn/...`` so the graph
-reads well in Netron.
+a Transpose, by the LM head (``separate_head=True`` stores the head's matrix ``wte^T`` as
+its own initializer instead, so int8 quantization, which only quantizes a MatMul whose
+weight is an initializer, can reach the head). Intermediate tensors are named
+``/h.0/attn/...`` so the graph reads well in Netron.
+
+Precision, chosen by ``dtype=`` (:data:`DTYPES`):
+
+* ``"float32"``: everything float32.
+* ``"float16"`` (for GPU runtimes): weights, activations, the residual stream and
+  ``past``/``present`` are float16. What stays float32: LayerNorm statistics (the
+  operator's ``stash_type``), the attention scores, mask and softmax of the portable
+  form (scores are cast up before the mask is added, probabilities cast down after), the
+  fused form's softmax (``softmax_precision``), and the ``logits`` output (the head's
+  float16 result cast up, so every client samples from float32 as before).
 """
 
 from __future__ import annotations
@@ -43,30 +55,46 @@ ATTENTION_FORMS = ("portable", "fused")
 OPSETS = {"portable": 17, "fused": 23}
 # The oldest IR version that carries each opset, so older runtimes can load the file.
 IR_VERSIONS = {17: 8, 23: 11}
+DTYPES = ("float32", "float16")
 MASK_MIN = float(np.finfo(np.float32).min)
+# The fused form's float16 mask: half the most negative finite float16 (see attention_bias).
+MASK_MIN_FLOAT16 = float(np.finfo(np.float16).min) / 2
+HEAD_WEIGHT = "lm_head.weight_t"  # the head's own initializer when separate_head=True
 
 
 class _Graph:
-    """Collects nodes and initializers; each ``op`` call adds one node and names its outputs."""
+    """Collects nodes and initializers; each ``op`` call adds one node and names its outputs.
 
-    def __init__(self, weights: dict[str, np.ndarray]):
+    ``dtype`` is the precision of weights and float constants (numpy ``float32`` or
+    ``float16``); a constant may ask for another type explicitly. Initializers are kept as
+    numpy arrays (views of the checkpoint's weights, transposed lazily) with the type they
+    will be stored in, and only serialized into the model at the end, one at a time
+    (:func:`_add_initializers`).
+    """
+
+    def __init__(self, weights: dict[str, np.ndarray], dtype: str = "float32"):
         self.weights = weights
+        self.dtype = np.dtype(dtype)
+        self.onnx_dtype = helper.np_dtype_to_tensor_dtype(self.dtype)
         self.nodes: list[onnx.NodeProto] = []
-        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.initializers: dict[str, tuple[np.ndarray, np.dtype]] = {}
 
-    def constant(self, name: str, value: Any, dtype: Any = np.float32) -> str:
+    @property
+    def half(self) -> bool:
+        return self.dtype == np.float16
+
+    def constant(self, name: str, value: Any, dtype: Any = None) -> str:
         if name not in self.initializers:
-            self.initializers[name] = numpy_helper.from_array(np.asarray(value, dtype), name)
+            stored = self.dtype if dtype is None else np.dtype(dtype)
+            self.initializers[name] = (np.asarray(value, stored), stored)
         return name
 
-    def weight(self, name: str, transpose: bool = False) -> str:
+    def weight(self, name: str, transpose: bool = False, stored: str | None = None) -> str:
         """A checkpoint weight as an initializer (a Linear weight transposed to (in, out))."""
-        stored = f"{name}_t" if transpose else name
+        stored = stored or (f"{name}_t" if transpose else name)
         if stored not in self.initializers:
-            array = self.weights[name].T if transpose else self.weights[name]
-            self.initializers[stored] = numpy_helper.from_array(
-                np.ascontiguousarray(array, dtype=np.float32), stored
-            )
+            array = self.weights[name].T if transpose else self.weights[name]  # a view
+            self.initializers[stored] = (array, self.dtype)
         return stored
 
     def op(self, op_type: str, inputs: list[str], output: str, **attrs: Any) -> str:
@@ -80,8 +108,8 @@ class _Graph:
         return outputs
 
 
-def attention_bias(g: _Graph) -> str:
-    """The model's one attention mask: float32 ``(batch, 1, new, past + new)``, added to scores.
+def attention_bias(g: _Graph, dtype: Any = np.float32) -> str:
+    """The model's one attention mask: ``(batch, 1, new, past + new)``, added to scores.
 
     Query ``i`` (of the ``new = sequence_length`` tokens of this call) sits at position
     ``past + i``; it may see key ``j`` of the ``past + new = total_sequence_length`` keys iff
@@ -100,6 +128,15 @@ def attention_bias(g: _Graph) -> str:
     keys and values (``0 * NaN = NaN``). With a finite minimum such a row gets finite,
     meaningless weights that nobody reads. (Adding two finite-minimum masks would also
     overflow to ``-inf``: hence booleans first, one conversion at the end.)
+
+    ``dtype`` is the type of the scores it is added to: float32 (the float32 graph, and
+    the float16 graph's portable form, whose scores are cast to float32 first), or float16
+    for the float16 graph's fused form, whose ``Attention`` operator takes a mask of its
+    inputs' type. There the value is *half* float16's most negative finite number
+    (``MASK_MIN_FLOAT16`` = -32752): float16 arithmetic has so little headroom that the
+    finite minimum -65504 plus any score of -16 or less rounds to ``-inf`` (float32's minimum
+    absorbs any realistic score), while -32752 leaves room for scores down to -32752, and
+    ``exp(-32752 + s)`` is still exactly 0 next to any visible key.
     """
     one, zero = g.constant("/mask/one", 1, np.int64), g.constant("/mask/zero", 0, np.int64)
     ids_shape = g.op("Shape", [sig.INPUT_IDS], "/mask/ids_shape")
@@ -123,13 +160,23 @@ def attention_bias(g: _Graph) -> str:
     not_padding = g.op("Unsqueeze", [not_padding, axes12], "/mask/not_padding_4d")  # (B,1,1,T)
 
     visible = g.op("And", [causal, not_padding], "/mask/visible")  # (batch, 1, new, total)
-    zero_f, min_f = g.constant("/mask/zero_f", 0.0), g.constant("/mask/min_f", MASK_MIN)
+    lowest = MASK_MIN_FLOAT16 if np.dtype(dtype) == np.float16 else MASK_MIN
+    zero_f = g.constant("/mask/zero_f", 0.0, dtype)
+    min_f = g.constant("/mask/min_f", lowest, dtype)
     return g.op("Where", [visible, zero_f, min_f], "/mask/attention_bias")
 
 
 def _layer_norm(g: _Graph, x: str, name: str, bias: bool) -> str:
+    """LayerNorm; mean and variance in float32 whatever ``x``'s type (``stash_type`` 1)."""
     inputs = [x, g.weight(f"{name}.weight")] + ([g.weight(f"{name}.bias")] if bias else [])
-    return g.op("LayerNormalization", inputs, f"/{name}/out", axis=-1, epsilon=LAYER_NORM_EPS)
+    return g.op(
+        "LayerNormalization",
+        inputs,
+        f"/{name}/out",
+        axis=-1,
+        epsilon=LAYER_NORM_EPS,
+        stash_type=TensorProto.FLOAT,
+    )
 
 
 def _linear(g: _Graph, x: str, name: str, bias: bool) -> str:
@@ -180,8 +227,12 @@ def _portable_attention(
     q_scaled = g.op("Mul", [q_heads, scale], f"{scope}/q_scaled")  # as mlxgpt.model scales
     k_t = g.op("Transpose", [present_k], f"{scope}/k_t", perm=[0, 1, 3, 2])
     scores = g.op("MatMul", [q_scaled, k_t], f"{scope}/scores")
+    if g.half:  # mask and softmax in float32 (the bias is float32: see attention_bias)
+        scores = g.op("Cast", [scores], f"{scope}/scores_f32", to=TensorProto.FLOAT)
     masked = g.op("Add", [scores, bias], f"{scope}/masked_scores")
     probs = g.op("Softmax", [masked], f"{scope}/probs", axis=-1)
+    if g.half:
+        probs = g.op("Cast", [probs], f"{scope}/probs_f16", to=TensorProto.FLOAT16)
     y = g.op("MatMul", [probs, present_v], f"{scope}/y_heads")  # (B, H, T, hs)
     y = g.op("Transpose", [y], f"{scope}/y_bthd", perm=[0, 2, 1, 3])
     shape = g.constant("/const/merge_shape", [0, 0, config.n_embd], np.int64)
@@ -195,10 +246,12 @@ def _fused_attention(
 
     Fed the same additive bias as the portable form. (For a query that sees no key at all,
     onnxruntime's kernel outputs zeros where the portable form averages the masked values:
-    both finite, both unused.)
+    both finite, both unused.) In a float16 graph the softmax runs in float32
+    (``softmax_precision``).
     """
     scope = f"/h.{i}/attn"
     y = f"{scope}/y"
+    precision = {"softmax_precision": TensorProto.FLOAT} if g.half else {}
     g.op_multi(
         "Attention",
         [q, k, v, bias, *sig.past_names(i)],
@@ -207,6 +260,7 @@ def _fused_attention(
         kv_num_heads=config.n_head,
         scale=1 / math.sqrt(config.head_size),
         is_causal=0,
+        **precision,
     )
     return y
 
@@ -225,8 +279,13 @@ def _block(g: _Graph, x: str, i: int, config: GPTConfig, bias: str, attention: s
     return g.op("Add", [x, h], f"/{p}/resid_mlp")
 
 
-def _io(config: GPTConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
-    """Graph inputs and outputs with their symbolic dimensions (see mlxgpt_export.signature)."""
+def _io(
+    config: GPTConfig, kv_dtype: int = TensorProto.FLOAT
+) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
+    """Graph inputs and outputs with their symbolic dimensions (see mlxgpt_export.signature).
+
+    ``past``/``present`` have the graph's precision (``kv_dtype``); logits are float32.
+    """
 
     def tensor(name: str, dtype: int, shape: list[str | int]) -> onnx.ValueInfoProto:
         return helper.make_tensor_value_info(name, dtype, shape)
@@ -240,41 +299,73 @@ def _io(config: GPTConfig) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueIn
     ]
     outputs = [tensor(sig.LOGITS, TensorProto.FLOAT, [sig.BATCH, sig.SEQUENCE, config.vocab_size])]
     for i in range(config.n_layer):
-        inputs += [tensor(name, TensorProto.FLOAT, kv_past) for name in sig.past_names(i)]
-        outputs += [tensor(name, TensorProto.FLOAT, kv_present) for name in sig.present_names(i)]
+        inputs += [tensor(name, kv_dtype, kv_past) for name in sig.past_names(i)]
+        outputs += [tensor(name, kv_dtype, kv_present) for name in sig.present_names(i)]
     return inputs, outputs
 
 
+def _head(g: _Graph, x: str, separate: bool) -> str:
+    """The tied LM head ``x @ wte^T``; logits cast to float32 in a float16 graph."""
+    if separate:  # its own (in, out) initializer: a MatMul weight int8 quantization can reach
+        wte_t = g.weight("wte.weight", transpose=True, stored=HEAD_WEIGHT)
+    else:  # the same wte initializer as the input Gather
+        wte_t = g.op("Transpose", [g.weight("wte.weight")], "/lm_head/wte_t", perm=[1, 0])
+    if not g.half:
+        return g.op("MatMul", [x, wte_t], sig.LOGITS)
+    logits = g.op("MatMul", [x, wte_t], "/lm_head/logits_f16")
+    return g.op("Cast", [logits], sig.LOGITS, to=TensorProto.FLOAT)
+
+
+def _add_initializers(graph: onnx.GraphProto, initializers: dict) -> None:
+    """Serialize each initializer into ``graph``, converted one tensor at a time.
+
+    Appended to the finished model's own graph: passing the tensors to ``make_graph`` and
+    the graph to ``make_model`` instead copies them twice, and protobuf (upb) keeps all
+    three copies alive as long as the model (measured: 3x the weights' size).
+    """
+    for name, (array, dtype) in initializers.items():
+        graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(array, dtype), name))
+
+
 def build_model(
-    config: GPTConfig, weights: dict[str, np.ndarray], attention: str = "portable"
+    config: GPTConfig,
+    weights: dict[str, np.ndarray],
+    attention: str = "portable",
+    dtype: str = "float32",
+    separate_head: bool = False,
 ) -> onnx.ModelProto:
-    """The ONNX model for ``config`` and float32 ``weights`` (names of mlxgpt.checkpoint)."""
+    """The ONNX model for ``config`` and float32 ``weights`` (names of mlxgpt.checkpoint).
+
+    ``dtype``: the graph's precision (module docstring); ``separate_head``: store the head's
+    matrix as its own initializer instead of reusing ``wte`` through a Transpose.
+    """
     if attention not in ATTENTION_FORMS:
         raise ValueError(f"attention must be one of {ATTENTION_FORMS}, got {attention!r}")
-    g = _Graph(weights)
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    g = _Graph(weights, dtype)
     tokens = g.op("Gather", [g.weight("wte.weight"), sig.INPUT_IDS], "/embed/tokens")
     positions = g.op("Gather", [g.weight("wpe.weight"), sig.POSITION_IDS], "/embed/positions")
     x = g.op("Add", [tokens, positions], "/embed/out")
-    bias = attention_bias(g)
+    bias = attention_bias(g, np.float16 if g.half and attention == "fused" else np.float32)
     for i in range(config.n_layer):
         x = _block(g, x, i, config, bias, attention)
-    x = _layer_norm(g, x, "ln_f", config.bias)
-    wte_t = g.op("Transpose", [g.weight("wte.weight")], "/lm_head/wte_t", perm=[1, 0])
-    g.op("MatMul", [x, wte_t], sig.LOGITS)  # tied head: the same wte initializer
+    _head(g, _layer_norm(g, x, "ln_f", config.bias), separate_head)
 
-    inputs, outputs = _io(config)
+    inputs, outputs = _io(config, g.onnx_dtype)
     graph = helper.make_graph(
         g.nodes,
         "mlxgpt",
         inputs,
         outputs,
-        initializer=list(g.initializers.values()),
-        doc_string=f"mlxgpt GPT decoder, {attention} attention, KV cache in/out",
+        doc_string=f"mlxgpt GPT decoder, {attention} attention, {dtype}, KV cache in/out",
     )
     opset = OPSETS[attention]
-    return helper.make_model(
+    model = helper.make_model(
         graph,
         opset_imports=[helper.make_opsetid("", opset)],
         ir_version=IR_VERSIONS[opset],
         producer_name="mlxgpt",
     )
+    _add_initializers(model.graph, g.initializers)
+    return model

@@ -53,6 +53,13 @@ from mlxgpt_export.errors import ExportFolderError, InputError
 # The files of an export folder that this runtime reads (the exporter writes more, for
 # other clients: mlxgpt_export.exporter.EXPORT_ENTRIES).
 MODEL_FILE = "onnx/model.onnx"  # where transformers.js looks; Optimum and genai find it there too
+# The model file of each precision, named as transformers.js names them (dtype "fp16",
+# "q8"); a folder holds one. Weights over 2 GiB sit beside it in "<file>_data".
+MODEL_FILES = {
+    "float32": MODEL_FILE,
+    "float16": "onnx/model_fp16.onnx",
+    "int8": "onnx/model_quantized.onnx",
+}
 CONFIG_FILE = "config.json"  # Hugging Face GPT-2 config; mlxgpt's GPTConfig under MLXGPT_KEY
 TOKENIZER_FILE = "tokenizer.json"
 GENERATION_FILE = "generation_config.json"
@@ -65,6 +72,7 @@ REEXPORT = "export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`"
 
 # Keys and values of every layer: [(key, value), ...], each (batch, n_head, time, head_size).
 Past = list[tuple[np.ndarray, np.ndarray]]
+PAST_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def check_token_ids(ids: np.ndarray | Sequence[int], vocab_size: int) -> None:
@@ -140,16 +148,17 @@ def check_position_ids(position_ids: Any, shape: tuple[int, int], block_size: in
     return array.astype(np.int64)
 
 
-def check_past(past: Any, config: GPTConfig, batch: int) -> int:
+def check_past(past: Any, config: GPTConfig, batch: int, past_dtype: Any = np.float32) -> int:
     """The length of ``past`` (keys and values of every layer), or an :class:`InputError`.
 
-    Each key and value must be float32 ``(batch, n_head, past_length, head_size)`` with one
-    ``past_length`` for all: what the previous :meth:`OnnxGPT.forward` call returned.
+    Each key and value must be ``past_dtype`` (float32, or float16 for a float16 export)
+    ``(batch, n_head, past_length, head_size)`` with one ``past_length`` for all: what the
+    previous :meth:`OnnxGPT.forward` call returned.
     """
     if not isinstance(past, Sequence) or len(past) != config.n_layer:
         got = f"{len(past)} layers" if isinstance(past, Sequence) else type(past).__name__
         raise InputError(f"past must hold {config.n_layer} (key, value) pairs, got {got}")
-    lengths = set()
+    lengths, want = set(), np.dtype(past_dtype)
     for i, pair in enumerate(past):
         if not isinstance(pair, Sequence) or len(pair) != 2:
             raise InputError(f"past[{i}] must be a (key, value) pair of arrays")
@@ -164,10 +173,10 @@ def check_past(past: Any, config: GPTConfig, batch: int) -> int:
                     f"past[{i}] {name} has shape {shape}; this model needs (batch, n_head, "
                     f"past, head_size) = ({batch}, {config.n_head}, past, {config.head_size})"
                 )
-            if dtype != np.float32:
+            if dtype != want:
                 raise InputError(
-                    f"past[{i}] {name} is {dtype}, not float32: pass the past that forward() "
-                    "returned, unchanged"
+                    f"past[{i}] {name} is {dtype}, not {want}: pass the past that "
+                    "forward() returned, unchanged"
                 )
             lengths.add(shape[2])
     if len(lengths) > 1:
@@ -200,7 +209,7 @@ def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.I
 
 
 def find_model_file(folder: Path) -> Path:
-    """The folder's ONNX file (``onnx/model.onnx``, or ``model.onnx`` in a legacy folder).
+    """The folder's ONNX file (:data:`MODEL_FILES`, or ``model.onnx`` in a legacy folder).
 
     Raises :class:`ExportFolderError` naming what is missing when the folder is incomplete.
     """
@@ -209,7 +218,8 @@ def find_model_file(folder: Path) -> Path:
             f"export folder {folder} does not exist: create it with "
             "`mlxgpt export CKPT_DIR OUT_DIR`"
         )
-    model_path = folder / MODEL_FILE
+    found = [name for name in MODEL_FILES.values() if (folder / name).is_file()]
+    model_path = folder / (found[0] if found else MODEL_FILE)
     if not model_path.is_file() and (folder / LEGACY_MODEL_FILE).is_file():
         model_path = folder / LEGACY_MODEL_FILE
     missing = [name for name in FOLDER_FILES if not (folder / name).is_file()]
@@ -303,14 +313,18 @@ class OnnxGPT:
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
+        # past/present: float32, or float16 in a float16 export (the graph's input type)
+        self.past_dtype = PAST_DTYPES.get(session.get_inputs()[3].type, np.float32)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
         """Load an export folder written by ``mlxgpt export`` (:mod:`mlxgpt_export.exporter`).
 
-        Reads ``onnx/model.onnx`` (or a legacy folder's ``model.onnx``), ``config.json``,
-        ``tokenizer.json`` and ``generation_config.json``, and checks that the config is the
-        one recorded in the model's metadata when it was exported.
+        Reads the model file (``onnx/model.onnx``, ``model_fp16.onnx`` or
+        ``model_quantized.onnx`` with any ``<file>_data`` beside it, or a legacy folder's
+        ``model.onnx``), ``config.json``, ``tokenizer.json`` and ``generation_config.json``,
+        and checks that the config is the one recorded in the model's metadata when it was
+        exported.
         """
         folder = Path(folder)
         model_path = find_model_file(folder)
@@ -333,7 +347,7 @@ class OnnxGPT:
     def empty_past(self, batch: int) -> Past:
         """The past for a first step: keys and values of length 0."""
         shape = (batch, self.config.n_head, 0, self.config.head_size)
-        empty = np.zeros(shape, dtype=np.float32)
+        empty = np.zeros(shape, dtype=self.past_dtype)
         return [(empty, empty) for _ in range(self.config.n_layer)]
 
     def forward(
@@ -352,7 +366,7 @@ class OnnxGPT:
         ids = check_input_ids(input_ids, self.config.vocab_size)
         batch, new = ids.shape
         past = self.empty_past(batch) if past is None else past
-        past_len = check_past(past, self.config, batch)
+        past_len = check_past(past, self.config, batch, self.past_dtype)
         if attention_mask is None:
             attention_mask = np.ones((batch, past_len + new), dtype=np.int64)
         attention_mask = check_attention_mask(attention_mask, (batch, past_len + new))

@@ -224,7 +224,7 @@ def read_weights(ckpt: Path, config: GPTConfig) -> dict[str, np.ndarray]:
     for name, w in weights.items():
         if not np.all(np.isfinite(w)):
             raise CheckpointError(f"{path}: {name} contains NaN or inf")
-    return {k: v.astype(np.float32) for k, v in weights.items()}
+    return {k: v.astype(np.float32, copy=False) for k, v in weights.items()}  # no 2nd copy
 
 
 def _fsync_dir(path: Path) -> None:

@@ -262,6 +262,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         attention=args.attention,
         force=args.force,
         verify=not args.no_verify,
+        dtype=args.dtype,
+        quantize=args.quantize,
+        **({"external_data_threshold": 0} if args.external_data else {}),
     )
     return 0
 
@@ -377,6 +380,22 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["portable", "fused"],
         default="portable",
         help="portable: opset 17 MatMul/Softmax (default); fused: opset 23 Attention operator",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "float16"],
+        default="float32",
+        help="float16: half-size graph for GPU runtimes (onnx/model_fp16.onnx)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=["int8"],
+        help="int8: dynamic int8 MatMul weights, faster on CPUs (onnx/model_quantized.onnx)",
+    )
+    p.add_argument(
+        "--external-data",
+        action="store_true",
+        help="weights in onnx/<model>.onnx_data beside the graph (automatic above 2 GiB)",
     )
     p.add_argument("--force", action="store_true", help="replace an existing OUT_DIR")
     p.add_argument(

@@ -77,13 +77,14 @@ class MlxgptOrt:
 class Optimum:
     name = "optimum"
 
-    def __init__(self, folder: Path, pad_token: str | None = None):
+    def __init__(self, folder: Path, pad_token: str | None = None, file_name: str | None = None):
         from optimum.onnxruntime import ORTModelForCausalLM
         from transformers import AutoTokenizer
 
         extra = {} if pad_token is None else {"pad_token": pad_token}
         self.tokenizer = AutoTokenizer.from_pretrained(folder, **extra)
-        self.model = ORTModelForCausalLM.from_pretrained(folder)
+        # file_name: the model file of a float16 / int8 export (model_fp16.onnx, ...)
+        self.model = ORTModelForCausalLM.from_pretrained(folder, file_name=file_name)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer(text)["input_ids"]

@@ -4,7 +4,7 @@
 //
 // stdin: one JSON job per line
 //   {folder, prompts: [str], max_new_tokens, batch: bool, pad_token_id: int | null,
-//    timed_runs: int}
+//    timed_runs: int, dtype: str (optional: transformers.js's dtype option)}
 // stdout: one JSON result per line, in order
 //   {encoded: [[id]], generated: [[id]], texts: [str], batch: [[id]] | null, seconds: [s]}
 // `generated` holds the new tokens of each prompt alone (greedy), `texts` their decoding,
@@ -20,22 +20,25 @@ env.allowLocalModels = true;
 
 const loaded = new Map();
 
-async function load(folder) {
-  if (!loaded.has(folder)) {
+// Without a `dtype` option the model file is the one config.json's
+// transformers.js_config.dtype names (what `mlxgpt export` wrote: fp32, fp16 or q8).
+async function load(folder, dtype) {
+  const key = `${folder}\n${dtype ?? ""}`;
+  if (!loaded.has(key)) {
     env.localModelPath = path.dirname(folder);
     const name = path.basename(folder);
     const tokenizer = await AutoTokenizer.from_pretrained(name);
-    const model = await AutoModelForCausalLM.from_pretrained(name, { dtype: "fp32" });
-    loaded.set(folder, { tokenizer, model });
+    const model = await AutoModelForCausalLM.from_pretrained(name, dtype ? { dtype } : {});
+    loaded.set(key, { tokenizer, model });
   }
-  return loaded.get(folder);
+  return loaded.get(key);
 }
 
 const newTokens = (output, promptLength) =>
   output.tolist().map((row) => row.slice(promptLength).map(Number));
 
 async function run(job) {
-  const { tokenizer, model } = await load(job.folder);
+  const { tokenizer, model } = await load(job.folder, job.dtype);
   const settings = { max_new_tokens: job.max_new_tokens, do_sample: false };
   const result = { encoded: [], generated: [], texts: [], batch: null, seconds: [] };
   for (const prompt of job.prompts) {
