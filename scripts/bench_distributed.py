@@ -5,7 +5,9 @@ averaged with ``mlx.nn.average_gradients``) in one process and in N ranks starte
 ``mlx.launch --backend ring`` on localhost, alternating the two R times, and prints
 tokens/s (all ranks together), the step time, the time one gradient average takes on
 its own (the communication per step), and the scaling ratio tokens/s(N) / tokens/s(1).
-Each rank computes ``batch_size`` windows per step, so ideal scaling is N.
+Each rank computes ``batch_size`` windows per step, so ideal scaling is N. The ranks
+share this machine's cores: each gets ``cpu_count // N`` BLAS threads
+(``OPENBLAS_NUM_THREADS``, unless set), the single process all of them.
 
     python scripts/bench_distributed.py [--ranks 2] [--steps 30] [--repeats 3]
                                         [--n-layer 4 --n-embd 128 --block-size 64 --batch-size 32]
@@ -133,6 +135,7 @@ def run_once(ranks: int, args: argparse.Namespace) -> dict:
         *(f"--{k.replace('_', '-')}={getattr(args, k)}" for k in WORKER_OPTIONS),
     ]
     command = [sys.executable, str(HERE), *passed]
+    threads = max(1, (os.cpu_count() or 1) // ranks)
     if ranks > 1:
         launcher = Path(sys.executable).parent / "mlx.launch"
         command = [
@@ -143,6 +146,9 @@ def run_once(ranks: int, args: argparse.Namespace) -> dict:
             str(ranks),
             "--starting-port",
             str(free_ports(ranks)),
+            # ranks on one machine share its cores: each gets its share of BLAS threads
+            "--env",
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS') or threads}",
             "--",
             *command,
         ]
@@ -187,6 +193,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.worker:
         worker(args)
         return []
+    load_before = os.getloadavg()[0]
     results: dict[int, list[dict]] = {1: [], args.ranks: []}
     for _ in range(args.repeats):  # interleaved, so background load hits both alike
         for ranks in (1, args.ranks):
@@ -195,7 +202,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(
         f"model {args.n_layer}x{args.n_head}x{args.n_embd}, context {args.block_size}, "
         f"{args.batch_size} windows per rank per step; median of {args.repeats} runs of "
-        f"{args.steps} steps; {os.cpu_count()} CPU cores\n"
+        f"{args.steps} steps; {os.cpu_count()} CPU cores; load average {load_before:.1f} "
+        f"before, {os.getloadavg()[0]:.1f} after (other processes compete for the cores)\n"
     )
     print(f"{'ranks':>5} {'tokens/s':>10} {'ms/step':>9} {'allreduce ms':>13} {'grads MB':>9}")
     for ranks, runs in results.items():
