@@ -57,6 +57,7 @@ from mlxgpt.errors import UserError
 LAUNCH_ENV = ("MLX_RANK", "JACCL_RANK", "OMPI_COMM_WORLD_SIZE")
 DEFAULT_TIMEOUT_S = 300.0  # TrainConfig.dist_timeout's default, documented there
 EXIT_TIMEOUT, EXIT_TERMINATED = 2, 143  # an error line (2), SIGTERM's conventional 128 + 15
+EXIT_GRACE_S = 10.0  # a failing rank's time to print its error and exit
 
 
 class DistributedError(UserError, RuntimeError):
@@ -326,10 +327,18 @@ class Watchdog:
         """Progress: the next ``timeout`` seconds are allowed for ``what``."""
         self.what, self.deadline = what, time.monotonic() + self.timeout
 
-    def close(self) -> None:
+    def close(self, failing: bool = False) -> None:
+        """Stop watching. ``failing``: the rank is leaving with an error, whose message must
+        not be cut short by the SIGTERM that mlx.launch sends once another rank has failed
+        too; SIGTERM stays ignored, and a C timer ends the process if it is still there
+        after ``EXIT_GRACE_S`` seconds."""
         self._closed = True
         signal.set_wakeup_fd(self._old_fd)
-        signal.signal(signal.SIGTERM, self._old_handler)
+        if failing:
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            faulthandler.dump_traceback_later(EXIT_GRACE_S, exit=True)
+        else:
+            signal.signal(signal.SIGTERM, self._old_handler)
         os.write(self._write, b"\0")
         self._thread.join()
         os.close(self._read)
@@ -338,8 +347,8 @@ class Watchdog:
     def __enter__(self) -> Watchdog:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: type | None, *exc: object) -> None:
+        self.close(failing=exc_type is not None)
 
     def _watch(self) -> None:
         while not self._closed:

@@ -564,8 +564,8 @@ def make_step_fn(
 def evaluate(run: Run) -> tuple[float, float]:
     """Train and validation loss over ``eval_iters`` fixed batches each."""
     return (
-        estimate_loss(run.model, run.data, run.cfg, "train", run.mask, run.world),
-        estimate_loss(run.model, run.data, run.cfg, "val", run.mask, run.world),
+        estimate_loss(run.model, run.data, run.cfg, "train", world=run.world),
+        estimate_loss(run.model, run.data, run.cfg, "val", world=run.world),
     )
 
 
@@ -722,7 +722,7 @@ def train_step(run: Run, step_fn: StepFn) -> tuple[dict[str, Any], tuple[mx.arra
     if not math.isfinite(loss_value):
         raise _diverged(run, f"loss became {loss_value} at step {run.step + 1}")
     run.step += 1
-    tokens = cfg.data_streams * cfg.batch_size * cfg.grad_accum * cfg.model.block_size
+    tokens = run.world.size * x.size  # every rank's windows
     record = {
         "step": run.step,
         "loss": loss_value,
