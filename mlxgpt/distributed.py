@@ -55,7 +55,6 @@ from mlxgpt.errors import UserError
 # Variables a launcher sets in every rank's environment: mlx.launch (ring, JACCL, NCCL),
 # JACCL's alias, Open MPI's mpirun. Without one of them no distributed set-up is tried.
 LAUNCH_ENV = ("MLX_RANK", "JACCL_RANK", "OMPI_COMM_WORLD_SIZE")
-DEFAULT_TIMEOUT_S = 300.0  # TrainConfig.dist_timeout's default, documented there
 EXIT_TIMEOUT, EXIT_TERMINATED = 2, 143  # an error line (2), SIGTERM's conventional 128 + 15
 EXIT_GRACE_S = 10.0  # a failing rank's time to print its error and exit
 
@@ -145,7 +144,7 @@ def launched() -> bool:
 _WORLD: World | None = None
 
 
-def init_world(timeout: float = DEFAULT_TIMEOUT_S) -> World:
+def init_world(timeout: float) -> World:
     """The world this process belongs to, connecting to the other ranks on first call.
 
     Without a launcher's environment this is ``World()`` and nothing is initialised.

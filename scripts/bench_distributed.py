@@ -45,8 +45,8 @@ def worker(args: argparse.Namespace) -> None:
     from mlxgpt.model import GPT
     from mlxgpt.train import make_optimizer, make_step_fn
 
-    world = init_world()
     cfg = load_train_config(None, config_values(args))
+    world = init_world(cfg.dist_timeout)
     mx.random.seed(cfg.seed)
     model = GPT(cfg.model)
     model.update(world.broadcast(model.parameters()))

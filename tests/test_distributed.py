@@ -187,7 +187,16 @@ def test_a_plain_process_is_a_world_of_one_with_nothing_initialised(monkeypatch)
     for name in ("MLX_RANK", "JACCL_RANK", "OMPI_COMM_WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     assert not launched()
-    world = init_world()
+    import mlx.core as mx
+
+    import mlxgpt.distributed as dist
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("mx.distributed.init called in a plain process")
+
+    monkeypatch.setattr(dist, "_WORLD", None)
+    monkeypatch.setattr(mx.distributed, "init", refuse)
+    world = init_world(timeout=1.0)
     assert (world.rank, world.size, world.group) == (0, 1, None) and world.is_main
     assert world.gather_json({"a": 1}) == [{"a": 1}]
     grads = {"w": np.ones(2)}
