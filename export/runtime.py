@@ -140,12 +140,14 @@ def check_position_ids(position_ids: Any, shape: tuple[int, int], block_size: in
     return array.astype(np.int64)
 
 
-def check_past(past: Any, config: GPTConfig, batch: int) -> int:
+def check_past(past: Any, config: GPTConfig, batch: int, dtype: Any = np.float32) -> int:
     """The length of ``past`` (keys and values of every layer), or an :class:`InputError`.
 
-    Each key and value must be float32 ``(batch, n_head, past_length, head_size)`` with one
-    ``past_length`` for all: what the previous :meth:`OnnxGPT.forward` call returned.
+    Each key and value must be ``(batch, n_head, past_length, head_size)`` of the graph's
+    past dtype (float32, or float16 for a float16 export) with one ``past_length`` for all:
+    what the previous :meth:`OnnxGPT.forward` call returned.
     """
+    dtype = np.dtype(dtype)
     if not isinstance(past, Sequence) or len(past) != config.n_layer:
         got = f"{len(past)} layers" if isinstance(past, Sequence) else type(past).__name__
         raise InputError(f"past must hold {config.n_layer} (key, value) pairs, got {got}")
@@ -154,7 +156,7 @@ def check_past(past: Any, config: GPTConfig, batch: int) -> int:
         if not isinstance(pair, Sequence) or len(pair) != 2:
             raise InputError(f"past[{i}] must be a (key, value) pair of arrays")
         for name, array in zip(("key", "value"), pair, strict=True):
-            shape, dtype = np.shape(array), getattr(array, "dtype", None)
+            shape, array_dtype = np.shape(array), getattr(array, "dtype", None)
             if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (
                 batch,
                 config.n_head,
@@ -164,10 +166,10 @@ def check_past(past: Any, config: GPTConfig, batch: int) -> int:
                     f"past[{i}] {name} has shape {shape}; this model needs (batch, n_head, "
                     f"past, head_size) = ({batch}, {config.n_head}, past, {config.head_size})"
                 )
-            if dtype != np.float32:
+            if array_dtype != dtype:
                 raise InputError(
-                    f"past[{i}] {name} is {dtype}, not float32: pass the past that forward() "
-                    "returned, unchanged"
+                    f"past[{i}] {name} is {array_dtype}, not {dtype}: pass the past that "
+                    "forward() returned, unchanged"
                 )
             lengths.add(shape[2])
     if len(lengths) > 1:
@@ -280,6 +282,94 @@ def check_recorded_config(
         )
 
 
+# onnxruntime's names of the tensor types a graph's float inputs may have
+ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+def past_dtype(session: ort.InferenceSession) -> np.dtype:
+    """The dtype of the graph's ``past_key_values.*`` inputs, as the session reports it.
+
+    float32 for a float32 export, float16 for a float16 one: the runtime feeds the graph
+    pasts of its own type (an empty first past included) instead of assuming float32.
+    """
+    types = {i.name: i.type for i in session.get_inputs()}
+    ort_type = types[sig.past_names(0)[0]]
+    if ort_type not in ORT_FLOAT_TYPES:
+        raise ExportFolderError(
+            f"the ONNX model's past inputs are {ort_type}; this runtime feeds "
+            f"{' or '.join(ORT_FLOAT_TYPES)} ({REEXPORT})"
+        )
+    return np.dtype(ORT_FLOAT_TYPES[ort_type])
+
+
+class _Decoder:
+    """The generation loops' way to run the graph: a KV cache that stays as onnxruntime made it.
+
+    :meth:`OnnxGPT.forward` checks every argument because anyone may call it with anything.
+    The loops pass only what they built themselves -- prompt ids checked once at the call,
+    sampled ids (always inside the vocabulary), 0/1 masks, positions the loop keeps inside
+    the window by sliding it first -- and the ``present.*`` arrays of the previous run, so
+    this path checks nothing again. onnxruntime's ``run`` wraps C-contiguous numpy inputs
+    and returns outputs as numpy arrays over its own buffers, both without a copy: each
+    step's ``present.*`` become the next step's ``past_key_values.*`` by reference, and no
+    step copies the cache outside the graph (the graph's Concat of past and new keys is the
+    one copy; ``scripts/bench_infer.py --binding`` measures IO binding of the same values
+    and preallocated output buffers against it).
+
+    Row ``r``'s mask is 0 on its left padding and 1 everywhere after, so the mask of any
+    step is the first ``length`` columns of one preallocated ``(batch, block_size)`` array.
+    """
+
+    def __init__(self, model: OnnxGPT, batch: int):
+        config = model.config
+        self._run = model.session.run
+        self._outputs = model._outputs
+        self._past_names = [name for i in range(config.n_layer) for name in sig.past_names(i)]
+        empty = np.zeros((batch, config.n_head, 0, config.head_size), model.past_dtype)
+        self._empty = dict.fromkeys(self._past_names, empty)
+        self._mask = np.ones((batch, config.block_size), np.int64)
+        self._feeds: dict[str, np.ndarray] = {}
+        self._last_position = np.zeros((batch, 1), np.int64)
+        self.length = 0  # tokens in the cache (padding included)
+
+    def start(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Forget the cache and run left-padded ``ids`` ``(batch, n)``: last-position logits."""
+        self._mask[:, : mask.shape[1]] = mask
+        self._mask[:, mask.shape[1] :] = 1
+        self._feeds = dict(self._empty)
+        self.length = 0
+        return self._forward(ids, sig.position_ids_from_mask(mask))
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` ``(batch, n)`` after the cache (every row real): last-position logits."""
+        positions = self._last_position + np.arange(1, ids.shape[1] + 1)
+        return self._forward(ids, positions)
+
+    def _forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        length = self.length + ids.shape[1]
+        feeds = self._feeds
+        feeds[sig.INPUT_IDS] = ids
+        feeds[sig.ATTENTION_MASK] = np.ascontiguousarray(self._mask[:, :length])
+        feeds[sig.POSITION_IDS] = positions
+        logits, *present = self._run(self._outputs, feeds)
+        feeds.update(zip(self._past_names, present, strict=True))
+        self.length, self._last_position = length, positions[:, -1:]
+        return logits[:, -1]
+
+
+def next_tokens(
+    logits: np.ndarray, params: SamplingParams, rngs: Sequence[np.random.Generator]
+) -> list[int]:
+    """Every row's next token: :func:`~mlxgpt.sampling.sample_next` of each row, each with its rng.
+
+    A greedy step is one arg-max over the batch (the lowest id among ties, as
+    ``sample_next`` picks); logits with NaN or inf go through ``sample_next``, which raises.
+    """
+    if params.greedy and np.isfinite(logits).all():
+        return np.argmax(logits, axis=-1).tolist()
+    return [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
+
+
 class OnnxGPT:
     """An exported mlxgpt model in an onnxruntime session, with its tokenizer and defaults."""
 
@@ -303,6 +393,7 @@ class OnnxGPT:
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
+        self.past_dtype = past_dtype(session)  # float32, or float16 for a float16 export
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
@@ -333,7 +424,7 @@ class OnnxGPT:
     def empty_past(self, batch: int) -> Past:
         """The past for a first step: keys and values of length 0."""
         shape = (batch, self.config.n_head, 0, self.config.head_size)
-        empty = np.zeros(shape, dtype=np.float32)
+        empty = np.zeros(shape, dtype=self.past_dtype)
         return [(empty, empty) for _ in range(self.config.n_layer)]
 
     def forward(
@@ -352,7 +443,7 @@ class OnnxGPT:
         ids = check_input_ids(input_ids, self.config.vocab_size)
         batch, new = ids.shape
         past = self.empty_past(batch) if past is None else past
-        past_len = check_past(past, self.config, batch)
+        past_len = check_past(past, self.config, batch, self.past_dtype)
         if attention_mask is None:
             attention_mask = np.ones((batch, past_len + new), dtype=np.int64)
         attention_mask = check_attention_mask(attention_mask, (batch, past_len + new))
@@ -372,16 +463,32 @@ class OnnxGPT:
 
     # -- generation ---------------------------------------------------------------------------
     def cached_step(self) -> StepFn:
-        """A step for :func:`mlxgpt.sampling.generate_ids` that keeps the KV cache."""
-        past: Past | None = None
+        """A step for :func:`mlxgpt.sampling.generate_ids` that keeps the KV cache.
+
+        Checks the ids it is given, as :meth:`forward` does (:meth:`generate_ids`, which
+        checks its prompt once, runs the same step without the checks).
+        """
+        step = self._cached_step()
+        vocab, block = self.config.vocab_size, self.config.block_size
+
+        def checked(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+            ids = check_input_ids([list(new_ids)], vocab)
+            positions = np.arange(past_len, past_len + ids.shape[1])[None]
+            check_position_ids(positions, ids.shape, block)
+            return step(ids, past_len)
+
+        return checked
+
+    def _cached_step(self) -> StepFn:
+        """:meth:`cached_step` for checked ids: the KV cache stays in a :class:`_Decoder`."""
+        decoder = _Decoder(self, 1)
 
         def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
-            nonlocal past
+            ids = np.array(new_ids, dtype=np.int64).reshape(1, -1)
             if past_len == 0:
-                past = None
-            assert (past[0][0].shape[2] if past else 0) == past_len, "cache out of sync"
-            logits, past = self.forward([list(new_ids)], past=past)
-            return logits[0, -1]
+                return decoder.start(ids, np.ones_like(ids))[0]
+            assert decoder.length == past_len, "cache out of sync"
+            return decoder.extend(ids)[0]
 
         return step
 
@@ -418,7 +525,7 @@ class OnnxGPT:
     ) -> Iterator[int]:
         """Yield new token ids for the prompt ``ids`` (see the module docstring)."""
         ids = check_prompt_ids(ids, self.config.vocab_size)
-        step = self.cached_step() if use_cache else self.recompute_step()
+        step = self._cached_step() if use_cache else self.recompute_step()
         return generate_ids(
             step,
             ids,
@@ -446,16 +553,16 @@ class OnnxGPT:
         ids = prompt_ids(tokenizer, prompt)
         return stream_text(tokenizer, self.generate_ids(ids, max_tokens, params))
 
-    def _prefill(self, contexts: list[list[int]]) -> tuple[np.ndarray, Past, np.ndarray]:
-        """Run left-padded ``contexts`` from scratch: last-position logits, past, mask."""
+    @staticmethod
+    def _start(decoder: _Decoder, contexts: list[list[int]]) -> np.ndarray:
+        """Run left-padded ``contexts`` from an empty cache: last-position logits."""
         width = max(len(c) for c in contexts)
         ids = np.zeros((len(contexts), width), dtype=np.int64)  # pad id 0: masked anyway
         mask = np.zeros((len(contexts), width), dtype=np.int64)
         for row, context in enumerate(contexts):
             ids[row, width - len(context) :] = context
             mask[row, width - len(context) :] = 1
-        logits, past = self.forward(ids, mask)
-        return logits[:, -1], past, mask
+        return decoder.start(ids, mask)
 
     def generate_batch_ids(
         self,
@@ -494,10 +601,12 @@ class OnnxGPT:
         rngs = [params.rng() for _ in contexts]
         if max_tokens == 0:
             return
-        logits, past, mask = self._prefill(contexts)
+        decoder = _Decoder(self, len(contexts))
+        logits = self._start(decoder, contexts)
+        longest = max(len(c) for c in contexts)
         finished = [False] * len(contexts)
         for i in range(max_tokens):
-            tokens = [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
+            tokens = next_tokens(logits, params, rngs)
             finished = [f or t == self.eos_id for f, t in zip(finished, tokens, strict=True)]
             if all(finished):
                 return
@@ -506,13 +615,13 @@ class OnnxGPT:
                 break
             for context, token in zip(contexts, tokens, strict=True):
                 context.append(token)
-            if max(len(c) for c in contexts) > block:  # a row slides: recompute everything
+            longest += 1
+            if longest > block:  # a row slides: recompute everything
                 contexts = [c[-block:] for c in contexts]
-                logits, past, mask = self._prefill(contexts)
+                longest = block
+                logits = self._start(decoder, contexts)
             else:
-                mask = np.concatenate([mask, np.ones((len(contexts), 1), np.int64)], axis=1)
-                out, past = self.forward(np.array(tokens)[:, None], mask, past=past)
-                logits = out[:, -1]
+                logits = decoder.extend(np.array(tokens, dtype=np.int64)[:, None])
 
     def generate_batch(
         self,
