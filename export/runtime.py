@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ REEXPORT = "export it again with `mlxgpt export CKPT_DIR OUT_DIR --force`"
 
 # Keys and values of every layer: [(key, value), ...], each (batch, n_head, time, head_size).
 Past = list[tuple[np.ndarray, np.ndarray]]
+PAST_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 def check_token_ids(ids: np.ndarray | Sequence[int], vocab_size: int) -> None:
@@ -140,23 +141,22 @@ def check_position_ids(position_ids: Any, shape: tuple[int, int], block_size: in
     return array.astype(np.int64)
 
 
-def check_past(past: Any, config: GPTConfig, batch: int, dtype: Any = np.float32) -> int:
+def check_past(past: Any, config: GPTConfig, batch: int, past_dtype: Any = np.float32) -> int:
     """The length of ``past`` (keys and values of every layer), or an :class:`InputError`.
 
-    Each key and value must be ``(batch, n_head, past_length, head_size)`` of the graph's
-    past dtype (float32, or float16 for a float16 export) with one ``past_length`` for all:
-    what the previous :meth:`OnnxGPT.forward` call returned.
+    Each key and value must be ``past_dtype`` (float32, or float16 for a float16 export)
+    ``(batch, n_head, past_length, head_size)`` with one ``past_length`` for all: what the
+    previous :meth:`OnnxGPT.forward` call returned.
     """
-    dtype = np.dtype(dtype)
     if not isinstance(past, Sequence) or len(past) != config.n_layer:
         got = f"{len(past)} layers" if isinstance(past, Sequence) else type(past).__name__
         raise InputError(f"past must hold {config.n_layer} (key, value) pairs, got {got}")
-    lengths = set()
+    lengths, want = set(), np.dtype(past_dtype)
     for i, pair in enumerate(past):
         if not isinstance(pair, Sequence) or len(pair) != 2:
             raise InputError(f"past[{i}] must be a (key, value) pair of arrays")
         for name, array in zip(("key", "value"), pair, strict=True):
-            shape, array_dtype = np.shape(array), getattr(array, "dtype", None)
+            shape, dtype = np.shape(array), getattr(array, "dtype", None)
             if len(shape) != 4 or (shape[0], shape[1], shape[3]) != (
                 batch,
                 config.n_head,
@@ -166,9 +166,9 @@ def check_past(past: Any, config: GPTConfig, batch: int, dtype: Any = np.float32
                     f"past[{i}] {name} has shape {shape}; this model needs (batch, n_head, "
                     f"past, head_size) = ({batch}, {config.n_head}, past, {config.head_size})"
                 )
-            if array_dtype != dtype:
+            if dtype != want:
                 raise InputError(
-                    f"past[{i}] {name} is {array_dtype}, not {dtype}: pass the past that "
+                    f"past[{i}] {name} is {dtype}, not {want}: pass the past that "
                     "forward() returned, unchanged"
                 )
             lengths.add(shape[2])
@@ -282,24 +282,20 @@ def check_recorded_config(
         )
 
 
-# onnxruntime's names of the tensor types a graph's float inputs may have
-ORT_FLOAT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+def unchecked_run(session: ort.InferenceSession) -> Callable[[list[str], dict], list]:
+    """``session.run`` minus the Python wrapper's own checks of each call's feed.
 
-
-def past_dtype(session: ort.InferenceSession) -> np.dtype:
-    """The dtype of the graph's ``past_key_values.*`` inputs, as the session reports it.
-
-    float32 for a float32 export, float16 for a float16 one: the runtime feeds the graph
-    pasts of its own type (an empty first past included) instead of assuming float32.
+    ``InferenceSession.run`` checks, on every call, that every graph input is fed (reading
+    each input's name and type through pybind) and whether any feed is an OrtValue of
+    another session, before calling the C++ session it keeps as ``_sess``: ~7 us per call,
+    several percent of a small model's decode step. The generation loops always feed every
+    input with numpy arrays, so they call the C++ session directly; where an onnxruntime
+    version has no ``_sess`` with a ``run``, the public method is used.
     """
-    types = {i.name: i.type for i in session.get_inputs()}
-    ort_type = types[sig.past_names(0)[0]]
-    if ort_type not in ORT_FLOAT_TYPES:
-        raise ExportFolderError(
-            f"the ONNX model's past inputs are {ort_type}; this runtime feeds "
-            f"{' or '.join(ORT_FLOAT_TYPES)} ({REEXPORT})"
-        )
-    return np.dtype(ORT_FLOAT_TYPES[ort_type])
+    inner = getattr(session, "_sess", None)
+    if inner is None or not callable(getattr(inner, "run", None)):
+        return session.run
+    return lambda outputs, feeds: inner.run(outputs, feeds, None)
 
 
 class _Decoder:
@@ -322,7 +318,7 @@ class _Decoder:
 
     def __init__(self, model: OnnxGPT, batch: int):
         config = model.config
-        self._run = model.session.run
+        self._run = unchecked_run(model.session)
         self._outputs = model._outputs
         self._past_names = [name for i in range(config.n_layer) for name in sig.past_names(i)]
         empty = np.zeros((batch, config.n_head, 0, config.head_size), model.past_dtype)
@@ -342,7 +338,8 @@ class _Decoder:
 
     def extend(self, ids: np.ndarray) -> np.ndarray:
         """Run ``ids`` ``(batch, n)`` after the cache (every row real): last-position logits."""
-        positions = self._last_position + np.arange(1, ids.shape[1] + 1)
+        new = ids.shape[1]
+        positions = self._last_position + (1 if new == 1 else np.arange(1, new + 1))
         return self._forward(ids, positions)
 
     def _forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
@@ -393,7 +390,8 @@ class OnnxGPT:
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
-        self.past_dtype = past_dtype(session)  # float32, or float16 for a float16 export
+        # past/present: float32, or float16 in a float16 export (the graph's input type)
+        self.past_dtype = PAST_DTYPES.get(session.get_inputs()[3].type, np.float32)
 
     @classmethod
     def load(cls, folder: str | Path, threads: int | None = None) -> OnnxGPT:
