@@ -191,11 +191,25 @@ def check_prompt_ids(ids: Any, vocab_size: int) -> list[int]:
     return ids
 
 
+# Intra-op threads when the caller does not say. Measured on the 2-core development machine
+# (`python scripts/bench_infer.py --session-options`, README): one thread decodes 1.3-2x
+# faster than onnxruntime's own default (one thread per core, spinning while idle) at
+# batch 1 and 8, and prefills no slower, once other processes want the cores too; a
+# decode step of these models is ~100-300 small operators, too short to split across
+# threads. onnxruntime-genai runs with one intra-op thread unless told otherwise, too.
+# The other SessionOptions (graph optimization level, memory pattern, arena) made no
+# difference beyond the noise there and keep onnxruntime's defaults.
+DEFAULT_THREADS = 1
+
+
 def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session for a model file (or its serialized bytes)."""
+    """A CPU onnxruntime session for a model file (or its serialized bytes).
+
+    ``threads``: intra-op threads (default :data:`DEFAULT_THREADS`; ``mlxgpt-ort
+    --threads``); on a machine with idle cores, more may prefill long prompts faster.
+    """
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or DEFAULT_THREADS
     options.log_severity_level = 3  # errors only: no warnings about unused initializers
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
