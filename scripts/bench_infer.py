@@ -355,8 +355,13 @@ def prompts_for(config: GPTConfig, batch: int, length: int) -> np.ndarray:
 def rounds(
     contenders: dict[str, Any], jobs: list[tuple[str, int]], prompts: dict, new: int, n: int
 ) -> dict[tuple[str, int], list[Run]]:
-    """Run every (contender, batch) job once per round; each round starts one job later."""
+    """Run every (contender, batch) job once per round; each round starts one job later.
+
+    Every job first runs once untimed (two new tokens): first-call costs stay out.
+    """
     runs: dict[tuple[str, int], list[Run]] = {job: [] for job in jobs}
+    for name, batch in jobs:
+        contenders[name].run(prompts[batch], 2)
     for r in range(n):
         for name, batch in jobs[r % len(jobs) :] + jobs[: r % len(jobs)]:
             runs[name, batch].append(contenders[name].run(prompts[batch], new))
@@ -720,11 +725,13 @@ def main(argv: list[str] | None = None) -> dict:
         ckpt = resolve(args.checkpoint) if args.checkpoint else None
         ckpt = ckpt or random_checkpoint(tmp / "ckpt", model_config(args))
         config = read_config(ckpt)
-        if max(args.prompt + args.new, args.context_new + 1) > config.block_size:
+        if args.prompt + args.new > config.block_size:
             sys.exit(
-                f"error: --prompt {args.prompt} + --new {args.new} exceed the context "
-                f"window {config.block_size}: lower them or raise block_size"
+                f"error: --prompt {args.prompt} + --new {args.new} exceed the context window "
+                f"{config.block_size}: lower them or raise block_size"
             )
+        if args.context and not 1 < args.context_new < config.block_size:
+            sys.exit(f"error: --context-new must be 2..{config.block_size - 1}")
         result["model"] = dataclasses.asdict(config)
         sections = {
             "main": main_section,
