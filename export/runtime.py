@@ -114,11 +114,10 @@ def check_attention_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
         raise InputError(
             f"attention_mask must have shape (batch, past + new) = {shape}, got {array.shape}"
         )
-    odd = np.unique(array[(array != 0) & (array != 1)])
-    if odd.size:
-        raise InputError(
-            f"attention_mask must hold only 1 (a token) and 0 (padding), got {odd[:5].tolist()}"
-        )
+    odd = (array != 0) & (array != 1)
+    if odd.any():
+        values = np.unique(array[odd])[:5].tolist()
+        raise InputError(f"attention_mask must hold only 1 (a token) and 0 (padding), got {values}")
     return array.astype(np.int64)
 
 
@@ -302,9 +301,10 @@ def unchecked_run(session: ort.InferenceSession) -> Callable[[list[str], dict], 
     ``InferenceSession.run`` checks, on every call, that every graph input is fed (reading
     each input's name and type through pybind) and whether any feed is an OrtValue of
     another session, before calling the C++ session it keeps as ``_sess``: ~7 us per call,
-    several percent of a small model's decode step. The generation loops always feed every
-    input with numpy arrays, so they call the C++ session directly; where an onnxruntime
-    version has no ``_sess`` with a ``run``, the public method is used.
+    several percent of a small model's decode step. :meth:`OnnxGPT.forward` (after its own
+    checks) and the generation loops always feed every input, as numpy arrays, so they call
+    the C++ session directly; where an onnxruntime version has no ``_sess`` with a ``run``,
+    the public method is used.
     """
     inner = getattr(session, "_sess", None)
     if inner is None or not callable(getattr(inner, "run", None)):
@@ -332,8 +332,7 @@ class _Decoder:
 
     def __init__(self, model: OnnxGPT, batch: int):
         config = model.config
-        self._run = unchecked_run(model.session)
-        self._outputs = model._outputs
+        self._run, self._outputs = model._run, model._outputs
         self._past_names = [name for i in range(config.n_layer) for name in sig.past_names(i)]
         empty = np.zeros((batch, config.n_head, 0, config.head_size), model.past_dtype)
         self._empty = dict.fromkeys(self._past_names, empty)
@@ -404,6 +403,7 @@ class OnnxGPT:
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
+        self._run = unchecked_run(session)
         # past/present: float32, or float16 in a float16 export (the graph's input type)
         self.past_dtype = PAST_DTYPES.get(session.get_inputs()[3].type, np.float32)
 
@@ -470,7 +470,7 @@ class OnnxGPT:
         for i, (key, value) in enumerate(past):
             key_name, value_name = sig.past_names(i)
             feeds[key_name], feeds[value_name] = key, value
-        logits, *present = self.session.run(self._outputs, feeds)
+        logits, *present = self._run(self._outputs, feeds)  # every input fed, all numpy
         return logits, list(zip(present[0::2], present[1::2], strict=True))
 
     # -- generation ---------------------------------------------------------------------------
