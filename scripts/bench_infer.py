@@ -364,6 +364,7 @@ def rounds(
         contenders[name].run(prompts[batch], 2)
     for r in range(n):
         for name, batch in jobs[r % len(jobs) :] + jobs[: r % len(jobs)]:
+            print(f"round {r + 1}/{n}: {name}, batch {batch}", file=sys.stderr, flush=True)
             runs[name, batch].append(contenders[name].run(prompts[batch], new))
     return runs
 
