@@ -235,8 +235,10 @@ class HfContender:
         import transformers  # noqa: F401
 
     def __init__(self, folder: str):
+        import torch
         from transformers import GPT2LMHeadModel
 
+        torch.set_num_threads(1)  # see one_thread_each
         self.model = GPT2LMHeadModel.from_pretrained(folder).eval()
 
     def run(self, prompts: np.ndarray, new: int) -> Run:
@@ -344,7 +346,12 @@ def contender_specs(ckpt: Path, tmp: Path, args: argparse.Namespace) -> tuple[li
     specs.append(dict(kind="mlx", name="MLX no cache", ckpt=str(ckpt), cache=False, batches=(1,)))
     hf = export_hf(ckpt, tmp / "hf")
     specs.append(dict(kind="hf", name="transformers (PyTorch)", folder=str(hf), batches=batches))
-    return [s for s in specs if any(word in s["name"] for word in args.only)], missing
+    return [s for s in specs if wanted(s["name"], args)], missing
+
+
+def wanted(name: str, args: argparse.Namespace) -> bool:
+    """``--only`` / ``--skip``: a contender whose name holds one of the words."""
+    return any(w in name for w in args.only) and not any(w in name for w in args.skip)
 
 
 # -- measuring ------------------------------------------------------------------------------
@@ -486,7 +493,7 @@ def context_section(ckpt: Path, config: GPTConfig, tmp: Path, args: argparse.Nam
         "MLX": MlxContender(str(ckpt)),
         "MLX no cache": MlxContender(str(ckpt), cache=False),
     }
-    contenders = {k: v for k, v in contenders.items() if any(w in k for w in args.only)}
+    contenders = {k: v for k, v in contenders.items() if wanted(k, args)}
     length = config.block_size - args.context_new
     prompts = {1: prompts_for(config, 1, length)}
     runs = rounds(
@@ -635,6 +642,8 @@ def machine() -> dict:
         python=platform.python_version(),
         load_average=os.getloadavg(),
         versions=versions,
+        threads="1 per contender: onnxruntime intra-op, torch.set_num_threads, "
+        f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')} (MLX)",
     )
 
 
@@ -698,6 +707,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--batch", type=int, nargs="+", default=[1, 8], help="batch sizes")
     add("--rounds", type=int, default=3, help="interleaved rounds")
     add("--only", nargs="+", default=[""], help="only contenders whose name holds one of these")
+    add("--skip", nargs="+", default=[], help="skip contenders whose name holds one of these")
     add("--no-memory", action="store_true", help="skip the peak-memory probes")
     add("--context", action="store_true", help="KV cache vs recomputation at the window's end")
     add("--context-new", type=int, default=32, help="new tokens timed at the window's end")
@@ -715,8 +725,31 @@ def model_config(args: argparse.Namespace) -> GPTConfig:
     return dataclasses.replace(config, dropout=0.0, **typed)
 
 
+@contextlib.contextmanager
+def one_thread_each() -> Iterator[None]:
+    """Every contender computes on one thread (the environment restored afterwards).
+
+    MLX's BLAS reads ``OPENBLAS_NUM_THREADS`` when MLX first loads (a contender's first
+    use); PyTorch is set in :class:`HfContender`; onnxruntime runs one intra-op thread
+    (mlxgpt-ort's default, genai's too). On the shared 2-core machine a second thread made
+    each of them 2-30x slower (threads spin-waiting for a core another process holds).
+    Set ``OPENBLAS_NUM_THREADS`` yourself to measure MLX otherwise.
+    """
+    before = os.environ.get("OPENBLAS_NUM_THREADS")
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["OPENBLAS_NUM_THREADS"]
+
+
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    with one_thread_each():
+        return run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> dict:
     if args.memory_probe:
         memory_probe(json.loads(args.memory_probe))
         return {}
@@ -759,6 +792,7 @@ def report(result: dict, args: argparse.Namespace) -> None:
         + ", ".join(f"{a:.1f}/{b:.1f}" for a, b in loads)
     )
     print("versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items()))
+    print(f"threads: {m['threads']}")
     c = result["model"]
     print(
         f"model: {c['n_layer']} layers, {c['n_head']} heads, {c['n_embd']} wide, context "
