@@ -191,13 +191,14 @@ def check_prompt_ids(ids: Any, vocab_size: int) -> list[int]:
 
 
 # Intra-op threads when the caller does not say. Measured on the 2-core development machine
-# (`python scripts/bench_infer.py --session-options`, README): one thread decodes 1.3-2x
+# (`python scripts/bench_infer.py --session-options`, README): one thread decodes about 2x
 # faster than onnxruntime's own default (one thread per core, spinning while idle) at
-# batch 1 and 8, and prefills no slower, once other processes want the cores too; a
-# decode step of these models is ~100-300 small operators, too short to split across
-# threads. onnxruntime-genai runs with one intra-op thread unless told otherwise, too.
-# The other SessionOptions (graph optimization level, memory pattern, arena) made no
-# difference beyond the noise there and keep onnxruntime's defaults.
+# batch 1 and 8, and processes a prompt faster, whenever other processes want the cores
+# too (and 1.1x faster than two threads that do not spin); a decode step of these models is
+# a few hundred operators of microseconds each, too short to split across threads.
+# onnxruntime-genai runs one intra-op thread unless told otherwise, too. The other
+# SessionOptions (graph optimization level, memory pattern, arena) made no difference
+# beyond the noise there and keep onnxruntime's defaults.
 DEFAULT_THREADS = 1
 
 
