@@ -23,12 +23,13 @@ imports the contender's libraries, resets the mark, then loads the model and gen
 process's size before loading. A second table compares mlxgpt-ort with genai on each export
 (median of per-round ratios). ``--context`` adds KV cache vs recomputation at the end of
 the window; ``--session-options`` times onnxruntime settings; ``--binding`` times ways to
-carry the KV cache from one step to the next. The machine (CPU, cores, load, versions) is
-printed and written to the JSON::
+carry the KV cache from one step to the next. Every contender computes on one thread
+(:func:`one_thread_each`). The machine (CPU, cores, load, versions) is printed and written
+to the JSON::
 
     python scripts/bench_infer.py --json infer.json      # 6x6x384, context 512: 128 + 256 new
-    python scripts/bench_infer.py --preset tiny-char --prompt 32 --new 31 --rounds 7
-    python scripts/bench_infer.py --context --session-options --binding
+    python scripts/bench_infer.py --rounds 5 --context --session-options --binding
+    python scripts/bench_infer.py --preset tiny-char --set block_size=64 --prompt 32 --new 31
 """
 
 from __future__ import annotations
@@ -298,12 +299,11 @@ def export_precisions() -> dict[str, tuple[str, ...]]:
         for action in commands.choices["export"]._actions
         for flag in action.option_strings
     }
-    return {
-        precision: flags
-        for precision, (flag, value) in PRECISION_FLAGS.items()
-        if flag in options and (options[flag] is None or value in options[flag])
-        for flags in [(flag, value)]
-    }
+    offered = {}
+    for precision, (flag, value) in PRECISION_FLAGS.items():
+        if flag in options and (options[flag] is None or value in options[flag]):
+            offered[precision] = (flag, value)
+    return offered
 
 
 def export_folder(ckpt: Path, out: Path, form: str, flags: tuple[str, ...] = ()) -> str | None:
