@@ -222,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("folder", help="an export folder written by `mlxgpt export`")
     add_sampling_args(p, defaults_from="the folder's generation_config.json")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (a batch)")
-    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: 1)")
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("info", help="show an export's config, metadata and parity figures")
     p.add_argument("folder")

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -121,11 +121,10 @@ def check_attention_mask(mask: Any, shape: tuple[int, int]) -> np.ndarray:
         raise InputError(
             f"attention_mask must have shape (batch, past + new) = {shape}, got {array.shape}"
         )
-    odd = np.unique(array[(array != 0) & (array != 1)])
-    if odd.size:
-        raise InputError(
-            f"attention_mask must hold only 1 (a token) and 0 (padding), got {odd[:5].tolist()}"
-        )
+    odd = (array != 0) & (array != 1)
+    if odd.any():
+        values = np.unique(array[odd])[:5].tolist()
+        raise InputError(f"attention_mask must hold only 1 (a token) and 0 (padding), got {values}")
     return array.astype(np.int64)
 
 
@@ -198,11 +197,26 @@ def check_prompt_ids(ids: Any, vocab_size: int) -> list[int]:
     return ids
 
 
+# Intra-op threads when the caller does not say. Measured on the 2-core development machine
+# (`python scripts/bench_infer.py --session-options`, README): one thread decodes about 2x
+# faster than onnxruntime's own default (one thread per core, spinning while idle) at
+# batch 1 and 8, and processes a prompt faster, whenever other processes want the cores
+# too (and 1.1x faster than two threads that do not spin); a decode step of these models is
+# a few hundred operators of microseconds each, too short to split across threads.
+# onnxruntime-genai runs one intra-op thread unless told otherwise, too. The other
+# SessionOptions (graph optimization level, memory pattern, arena) made no difference
+# beyond the noise there and keep onnxruntime's defaults.
+DEFAULT_THREADS = 1
+
+
 def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU onnxruntime session for a model file (or its serialized bytes)."""
+    """A CPU onnxruntime session for a model file (or its serialized bytes).
+
+    ``threads``: intra-op threads (default :data:`DEFAULT_THREADS`; ``mlxgpt-ort
+    --threads``); on a machine with idle cores, more may prefill long prompts faster.
+    """
     options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
+    options.intra_op_num_threads = threads or DEFAULT_THREADS
     options.log_severity_level = 3  # errors only: no warnings about unused initializers
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
@@ -290,6 +304,91 @@ def check_recorded_config(
         )
 
 
+def unchecked_run(session: ort.InferenceSession) -> Callable[[list[str], dict], list]:
+    """``session.run`` minus the Python wrapper's own checks of each call's feed.
+
+    ``InferenceSession.run`` checks, on every call, that every graph input is fed (reading
+    each input's name and type through pybind) and whether any feed is an OrtValue of
+    another session, before calling the C++ session it keeps as ``_sess``: ~7 us per call,
+    several percent of a small model's decode step. :meth:`OnnxGPT.forward` (after its own
+    checks) and the generation loops always feed every input, as numpy arrays, so they call
+    the C++ session directly; where an onnxruntime version has no ``_sess`` with a ``run``,
+    the public method is used.
+    """
+    inner = getattr(session, "_sess", None)
+    if inner is None or not callable(getattr(inner, "run", None)):
+        return session.run
+    return lambda outputs, feeds: inner.run(outputs, feeds, None)
+
+
+class _Decoder:
+    """The generation loops' way to run the graph: a KV cache that stays as onnxruntime made it.
+
+    :meth:`OnnxGPT.forward` checks every argument because anyone may call it with anything.
+    The loops pass only what they built themselves -- prompt ids checked once at the call,
+    sampled ids (always inside the vocabulary), 0/1 masks, positions the loop keeps inside
+    the window by sliding it first -- and the ``present.*`` arrays of the previous run, so
+    this path checks nothing again. onnxruntime's ``run`` wraps C-contiguous numpy inputs
+    and returns outputs as numpy arrays over its own buffers, both without a copy: each
+    step's ``present.*`` become the next step's ``past_key_values.*`` by reference, and no
+    step copies the cache outside the graph (the graph's Concat of past and new keys is the
+    one copy; ``scripts/bench_infer.py --binding`` measures IO binding of the same values
+    and preallocated output buffers against it).
+
+    Row ``r``'s mask is 0 on its left padding and 1 everywhere after, so the mask of any
+    step is the first ``length`` columns of one preallocated ``(batch, block_size)`` array.
+    """
+
+    def __init__(self, model: OnnxGPT, batch: int):
+        config = model.config
+        self._run, self._outputs = model._run, model._outputs
+        self._past_names = [name for i in range(config.n_layer) for name in sig.past_names(i)]
+        empty = np.zeros((batch, config.n_head, 0, config.head_size), model.past_dtype)
+        self._empty = dict.fromkeys(self._past_names, empty)
+        self._mask = np.ones((batch, config.block_size), np.int64)
+        self._feeds: dict[str, np.ndarray] = {}
+        self._last_position = np.zeros((batch, 1), np.int64)
+        self.length = 0  # tokens in the cache (padding included)
+
+    def start(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Forget the cache and run left-padded ``ids`` ``(batch, n)``: last-position logits."""
+        self._mask[:, : mask.shape[1]] = mask
+        self._mask[:, mask.shape[1] :] = 1
+        self._feeds = dict(self._empty)
+        self.length = 0
+        return self._forward(ids, sig.position_ids_from_mask(mask))
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` ``(batch, n)`` after the cache (every row real): last-position logits."""
+        new = ids.shape[1]
+        positions = self._last_position + (1 if new == 1 else np.arange(1, new + 1))
+        return self._forward(ids, positions)
+
+    def _forward(self, ids: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        length = self.length + ids.shape[1]
+        feeds = self._feeds
+        feeds[sig.INPUT_IDS] = ids
+        feeds[sig.ATTENTION_MASK] = np.ascontiguousarray(self._mask[:, :length])
+        feeds[sig.POSITION_IDS] = positions
+        logits, *present = self._run(self._outputs, feeds)
+        feeds.update(zip(self._past_names, present, strict=True))
+        self.length, self._last_position = length, positions[:, -1:]
+        return logits[:, -1]
+
+
+def next_tokens(
+    logits: np.ndarray, params: SamplingParams, rngs: Sequence[np.random.Generator]
+) -> list[int]:
+    """Every row's next token: :func:`~mlxgpt.sampling.sample_next` of each row, each with its rng.
+
+    A greedy step is one arg-max over the batch (the lowest id among ties, as
+    ``sample_next`` picks); logits with NaN or inf go through ``sample_next``, which raises.
+    """
+    if params.greedy and np.isfinite(logits).all():
+        return np.argmax(logits, axis=-1).tolist()
+    return [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
+
+
 class OnnxGPT:
     """An exported mlxgpt model in an onnxruntime session, with its tokenizer and defaults."""
 
@@ -313,6 +412,7 @@ class OnnxGPT:
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
         self._outputs = sig.output_names(config.n_layer)
+        self._run = unchecked_run(session)
         # past/present: float32, or float16 in a float16 export (the graph's input type)
         self.past_dtype = PAST_DTYPES.get(session.get_inputs()[3].type, np.float32)
 
@@ -381,21 +481,37 @@ class OnnxGPT:
         for i, (key, value) in enumerate(past):
             key_name, value_name = sig.past_names(i)
             feeds[key_name], feeds[value_name] = key, value
-        logits, *present = self.session.run(self._outputs, feeds)
+        logits, *present = self._run(self._outputs, feeds)  # every input fed, all numpy
         return logits, list(zip(present[0::2], present[1::2], strict=True))
 
     # -- generation ---------------------------------------------------------------------------
     def cached_step(self) -> StepFn:
-        """A step for :func:`mlxgpt.sampling.generate_ids` that keeps the KV cache."""
-        past: Past | None = None
+        """A step for :func:`mlxgpt.sampling.generate_ids` that keeps the KV cache.
+
+        Checks the ids it is given, as :meth:`forward` does (:meth:`generate_ids`, which
+        checks its prompt once, runs the same step without the checks).
+        """
+        step = self._cached_step()
+        vocab, block = self.config.vocab_size, self.config.block_size
+
+        def checked(new_ids: Sequence[int], past_len: int) -> np.ndarray:
+            ids = check_input_ids([list(new_ids)], vocab)
+            positions = np.arange(past_len, past_len + ids.shape[1])[None]
+            check_position_ids(positions, ids.shape, block)
+            return step(ids, past_len)
+
+        return checked
+
+    def _cached_step(self) -> StepFn:
+        """:meth:`cached_step` for checked ids: the KV cache stays in a :class:`_Decoder`."""
+        decoder = _Decoder(self, 1)
 
         def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
-            nonlocal past
+            ids = np.array(new_ids, dtype=np.int64).reshape(1, -1)
             if past_len == 0:
-                past = None
-            assert (past[0][0].shape[2] if past else 0) == past_len, "cache out of sync"
-            logits, past = self.forward([list(new_ids)], past=past)
-            return logits[0, -1]
+                return decoder.start(ids, np.ones_like(ids))[0]
+            assert decoder.length == past_len, "cache out of sync"
+            return decoder.extend(ids)[0]
 
         return step
 
@@ -432,7 +548,7 @@ class OnnxGPT:
     ) -> Iterator[int]:
         """Yield new token ids for the prompt ``ids`` (see the module docstring)."""
         ids = check_prompt_ids(ids, self.config.vocab_size)
-        step = self.cached_step() if use_cache else self.recompute_step()
+        step = self._cached_step() if use_cache else self.recompute_step()
         return generate_ids(
             step,
             ids,
@@ -460,16 +576,16 @@ class OnnxGPT:
         ids = prompt_ids(tokenizer, prompt)
         return stream_text(tokenizer, self.generate_ids(ids, max_tokens, params))
 
-    def _prefill(self, contexts: list[list[int]]) -> tuple[np.ndarray, Past, np.ndarray]:
-        """Run left-padded ``contexts`` from scratch: last-position logits, past, mask."""
+    @staticmethod
+    def _start(decoder: _Decoder, contexts: list[list[int]]) -> np.ndarray:
+        """Run left-padded ``contexts`` from an empty cache: last-position logits."""
         width = max(len(c) for c in contexts)
         ids = np.zeros((len(contexts), width), dtype=np.int64)  # pad id 0: masked anyway
         mask = np.zeros((len(contexts), width), dtype=np.int64)
         for row, context in enumerate(contexts):
             ids[row, width - len(context) :] = context
             mask[row, width - len(context) :] = 1
-        logits, past = self.forward(ids, mask)
-        return logits[:, -1], past, mask
+        return decoder.start(ids, mask)
 
     def generate_batch_ids(
         self,
@@ -508,10 +624,12 @@ class OnnxGPT:
         rngs = [params.rng() for _ in contexts]
         if max_tokens == 0:
             return
-        logits, past, mask = self._prefill(contexts)
+        decoder = _Decoder(self, len(contexts))
+        logits = self._start(decoder, contexts)
+        longest = max(len(c) for c in contexts)
         finished = [False] * len(contexts)
         for i in range(max_tokens):
-            tokens = [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
+            tokens = next_tokens(logits, params, rngs)
             finished = [f or t == self.eos_id for f, t in zip(finished, tokens, strict=True)]
             if all(finished):
                 return
@@ -520,13 +638,13 @@ class OnnxGPT:
                 break
             for context, token in zip(contexts, tokens, strict=True):
                 context.append(token)
-            if max(len(c) for c in contexts) > block:  # a row slides: recompute everything
+            longest += 1
+            if longest > block:  # a row slides: recompute everything
                 contexts = [c[-block:] for c in contexts]
-                logits, past, mask = self._prefill(contexts)
+                longest = block
+                logits = self._start(decoder, contexts)
             else:
-                mask = np.concatenate([mask, np.ones((len(contexts), 1), np.int64)], axis=1)
-                out, past = self.forward(np.array(tokens)[:, None], mask, past=past)
-                logits = out[:, -1]
+                logits = decoder.extend(np.array(tokens, dtype=np.int64)[:, None])
 
     def generate_batch(
         self,

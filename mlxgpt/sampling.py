@@ -142,8 +142,7 @@ def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, i
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     """The distribution a token is drawn from, after temperature, top-k and top-p."""
     z = np.asarray(logits, dtype=np.float64).reshape(-1)
-    if not np.all(np.isfinite(z)):
-        raise ValueError("logits contain NaN or inf: the model produced invalid output")
+    _check_finite(z)
     if params.greedy:
         probs = np.zeros_like(z)
         probs[int(np.argmax(z))] = 1.0
@@ -169,11 +168,18 @@ def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
     return probs
 
 
+def _check_finite(logits: np.ndarray) -> None:
+    if not np.isfinite(logits).all():
+        raise ValueError("logits contain NaN or inf: the model produced invalid output")
+
+
 def sample_next(logits: np.ndarray, params: SamplingParams, rng: np.random.Generator) -> int:
     """Pick the next token id from one row of logits (see the module docstring)."""
+    if params.greedy:  # rule 1 is one arg-max, in the logits' own dtype (exact, and cheap)
+        z = np.asarray(logits).reshape(-1)
+        _check_finite(z)
+        return int(np.argmax(z))
     probs = filtered_probs(logits, params)
-    if params.greedy:
-        return int(np.argmax(probs))
     cdf = np.cumsum(probs)
     u = rng.random() * cdf[-1]
     return int(min(np.searchsorted(cdf, u, side="right"), probs.size - 1))

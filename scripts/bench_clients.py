@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             ckpt = resolve(args.checkpoint)
         else:
             sys.path.insert(0, str(Path(__file__).parent))
-            from bench_onnx import random_checkpoint
+            from bench_infer import random_checkpoint
 
             config = dataclasses.replace(load_train_config(args.preset).model, dropout=0.0)
             ckpt = random_checkpoint(Path(tmp) / "ckpt", config)

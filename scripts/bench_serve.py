@@ -37,7 +37,7 @@ from mlxgpt.config import load_train_config
 from mlxgpt_export.exporter import export_checkpoint
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_onnx import random_checkpoint  # noqa: E402  (random weights of a preset's shape)
+from bench_infer import random_checkpoint  # noqa: E402  (random weights of a preset's shape)
 
 PROMPTS = ["ROMEO: ", "JULIET: O ", "KING HENRY: ", "A", "WHAT SAY YOU? ", "TO BE, OR NOT "]
 TARGET_RATIO, TARGET_TTFT_S = 4.0, 1.0

@@ -19,7 +19,7 @@ from mlxgpt_export.exporter import export_checkpoint
 from mlxgpt_export.runtime import MODEL_FILES
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))  # bench_clients imports bench_onnx from there
+sys.path.insert(0, str(ROOT / "scripts"))  # bench_clients imports bench_infer from there
 _spec = importlib.util.spec_from_file_location("bench_clients", ROOT / "scripts/bench_clients.py")
 clients = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(clients)

@@ -1,0 +1,84 @@
+"""Smoke test of scripts/bench_infer.py on a tiny shape (the benchmark is never a timed test)."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from mlxgpt_export.exporter import export_checkpoint
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_infer.py"
+_spec = importlib.util.spec_from_file_location("bench_infer", SCRIPT)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+TINY = ["--preset", "tiny-char", "--set", "block_size=32", "n_layer=1", "n_embd=32", "n_head=2"]
+FLOAT32 = [
+    "mlxgpt-ort portable float32",
+    "mlxgpt-ort fused float32",
+    "genai portable float32",
+    "genai fused float32",
+    "MLX",
+    "transformers (PyTorch)",
+]
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory) -> dict:
+    out = tmp_path_factory.mktemp("bench") / "infer.json"
+    argv = [*TINY, "--prompt", "8", "--new", "6", "--rounds", "2", "--batch", "1", "2"]
+    argv += ["--context", "--context-new", "4", "--session-options", "--binding", "--no-memory"]
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        result = bench.main([*argv, "--json", str(out)])
+    result["printed"] = printed.getvalue()
+    assert json.loads(out.read_text())["main"]["rows"] == json.loads(
+        json.dumps(result["main"]["rows"])
+    )
+    return result
+
+
+def test_every_contender_runs_both_batches_and_agrees_with_mlxgpt_ort(result: dict):
+    rows = {(r["contender"], r["batch"]): r for r in result["main"]["rows"]}
+    for name in FLOAT32:
+        for batch in (1, 2):
+            row = rows[name, batch]
+            assert row["tokens_per_s"] > 0 and row["first_ms"] > 0
+            assert row["agreement"] == 1.0, (name, batch)  # greedy: the same tokens
+            if not name.startswith("genai"):  # genai exposes no logits here
+                assert row["max_logit_diff"] < 1e-4
+    for name in ("mlxgpt-ort portable float32 no cache", "MLX no cache"):
+        assert rows[name, 1]["agreement"] == 1.0 and (name, 2) not in rows
+    # int8 / float16: measured when `mlxgpt export` offers them, else said to be missing
+    measured = {name for name, _ in rows}
+    for precision in ("int8", "float16"):
+        name = f"mlxgpt-ort portable {precision}"
+        assert (name in measured) != (name in result["main"]["not_available"])
+    exports = {(r["export"], r["batch"]) for r in result["main"]["versus_genai"]}
+    assert {("portable float32", 1), ("fused float32", 2)} <= exports
+
+
+def test_machine_and_the_other_sections_are_recorded(result: dict):
+    machine = result["machine"]
+    assert machine["cores"] >= 1 and len(machine["load_average_end"]) == 3
+    assert "onnxruntime" in machine["versions"]
+    speedups = [r.get("cache_speedup") for r in result["context"]["rows"]]
+    assert sum(s is not None and s > 0 for s in speedups) == 2  # mlxgpt-ort and MLX
+    options = {r["contender"] for r in result["session_options"]["rows"]}
+    assert options == set(bench.SESSION_OPTIONS)
+    assert len(result["binding"]["rows"]) == 3 * 2
+    out = result["printed"]
+    assert "| mlxgpt-ort portable float32 | 1 |" in out and "cores" in out
+    assert "| IO binding, OrtValues | 2 |" in out and "KV cache speed-up" in out
+
+
+def test_memory_probe_measures_a_fresh_process(trained_ckpt: Path, tmp_path: Path):
+    folder = export_checkpoint(trained_ckpt, tmp_path / "export", quiet=True)
+    spec = {"kind": "ort", "name": "mlxgpt-ort", "folder": str(folder)}
+    config = bench.read_config(trained_ckpt)
+    memory = bench.peak_memory(spec, 2, 8, 4, config)
+    assert memory["peak_mib"] > memory["growth_mib"] > 0, memory
