@@ -1,0 +1,177 @@
+"""Where a training step's time goes: each operation's forward + backward, timed alone.
+
+    python scripts/profile_train.py                    # default preset shape
+    python scripts/profile_train.py --shape nanogpt    # 6 x 6 x 384, context 256, batch 12
+
+Each row is one operation of the model at the training shape (batch x context tokens),
+run as its own compiled function: the forward and the vector-Jacobian product for a
+random cotangent (or, for the optimizer, one AdamW update of every parameter). "simple"
+is MLX's own function (``nn.gelu``, ``mx.fast.scaled_dot_product_attention``,
+``nn.losses.cross_entropy``, ...), "mlxgpt" what the model uses on this device
+(:mod:`mlxgpt.kernels` on the CPU); both are timed interleaved in one process. The
+"total" row adds the per-layer rows times the layer count; the last row times the real
+compiled step of ``mlxgpt.train`` for comparison (its fused graph can be cheaper than the
+sum, and includes what the rows leave out: embeddings, reshapes, the gradient norm).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import mlxgpt  # noqa: F401  (binds the optimized BLAS before mlx.core loads)
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+
+from bench_train import SHAPES, time_mlxgpt_steps  # noqa: E402
+from mlxgpt import kernels  # noqa: E402
+from mlxgpt.config import LAYER_NORM_EPS  # noqa: E402
+from mlxgpt.model import causal_mask  # noqa: E402
+from mlxgpt.train import make_optimizer  # noqa: E402
+
+
+def _timed(fn, args, repeats: int) -> float:
+    """Median seconds of ``fn(*args)`` (evaluated), after two warm-up calls."""
+    for _ in range(2):
+        mx.eval(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fwd_bwd(f):
+    """Compiled ``x -> (f(x), vjp)`` for every array argument, cotangent the last argument."""
+
+    def run(*args):
+        *primals, cot = args
+        out, grads = mx.vjp(f, primals, [cot])
+        return out, grads
+
+    return mx.compile(run)
+
+
+def operations(shape: dict, cpu_forms: bool):
+    """``[(name, count per step, compiled function, args)]`` at the training shape."""
+    b, t, c, h = shape["batch"], shape["block_size"], shape["n_embd"], shape["n_head"]
+    v = shape["vocab_size"]
+    hs = c // h
+    n = lambda *s: mx.random.normal(s)  # noqa: E731
+    x, hid = n(b, t, c), n(b, t, 4 * c)
+    w = lambda o, i: n(o, i) * 0.02  # noqa: E731
+    ln_w, ln_b = mx.ones((c,)), mx.zeros((c,))
+    q, k, vv = n(b, h, t, hs), n(b, h, t, hs), n(b, h, t, hs)
+    logits, targets = n(b * t, v), mx.random.randint(0, v, (b * t,))
+    scale = 1 / math.sqrt(hs)
+
+    if cpu_forms:
+        gelu = kernels.gelu
+
+        def attention(q, k, vv):
+            s = (q * scale) @ k.transpose(0, 1, 3, 2) + causal_mask(t, t)
+            return kernels.softmax(s) @ vv
+
+        def loss(lg):
+            return kernels.cross_entropy(lg, targets).mean()
+    else:
+        gelu = nn.gelu
+
+        def attention(q, k, vv):
+            return mx.fast.scaled_dot_product_attention(q, k, vv, scale=scale, mask="causal")
+
+        def loss(lg):
+            return nn.losses.cross_entropy(lg, targets, reduction="mean")
+
+    bias = shape["bias"]
+    wb = (lambda o: mx.zeros((o,))) if bias else (lambda o: None)  # noqa: E731
+
+    def linear(wt, bb):
+        return (lambda x: mx.addmm(bb, x, wt.T)) if bb is not None else (lambda x: x @ wt.T)
+
+    def layer_norm(x):
+        return mx.fast.layer_norm(x, ln_w, ln_b if bias else None, LAYER_NORM_EPS)
+
+    per_layer = [
+        ("layer norm (x2)", 2, layer_norm, (x,), (b, t, c)),
+        ("linear c_attn", 1, linear(w(3 * c, c), wb(3 * c)), (x,), (b, t, 3 * c)),
+        ("attention core", 1, attention, (q, k, vv), (b, h, t, hs)),
+        ("linear attn c_proj", 1, linear(w(c, c), wb(c)), (x,), (b, t, c)),
+        ("linear mlp c_fc", 1, linear(w(4 * c, c), wb(4 * c)), (x,), (b, t, 4 * c)),
+        ("GELU", 1, gelu, (hid,), (b, t, 4 * c)),
+        ("linear mlp c_proj", 1, linear(w(c, 4 * c), wb(c)), (hid,), (b, t, c)),
+        ("residual adds (x2)", 2, lambda a, r: a + r, (x, x), (b, t, c)),
+    ]
+    wte = w(v, c)
+    once = [
+        ("final layer norm", 1, layer_norm, (x,), (b, t, c)),
+        ("LM head (tied)", 1, lambda x: x @ wte.T, (x.reshape(b * t, c),), (b * t, v)),
+        ("cross-entropy loss", 1, loss, (logits,), ()),
+    ]
+    rows = []
+    for name, count, f, args, out_shape in per_layer:
+        rows.append((name, count * shape["n_layer"], _fwd_bwd(f), (*args, n(*out_shape))))
+    for name, count, f, args, out_shape in once:
+        rows.append((name, count, _fwd_bwd(f), (*args, n(*out_shape))))
+    rows.append(("AdamW update + clip", 1, *_optimizer_step(shape)))
+    return rows
+
+
+def _optimizer_step(shape: dict):
+    """One clipped AdamW update of a model-sized parameter tree, compiled."""
+    from mlx.utils import tree_map
+
+    from mlxgpt.config import GPTConfig, TrainConfig
+    from mlxgpt.model import GPT
+
+    cfg = {k: shape[k] for k in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")}
+    model = GPT(GPTConfig(**cfg, bias=shape["bias"]))
+    opt = make_optimizer(TrainConfig(max_iters=1000))
+    opt.init(model.trainable_parameters())
+    grads = tree_map(lambda p: mx.random.normal(p.shape) * 1e-3, model.trainable_parameters())
+    state = [model.state, opt.state]
+
+    import mlx.optimizers as optim
+
+    def update(g):
+        g, norm = optim.clip_grad_norm(g, 1.0)
+        opt.update(model, g)
+        return norm
+
+    return mx.compile(update, inputs=state, outputs=state), (grads,)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="default")
+    ap.add_argument("--repeats", type=int, default=10)
+    args = ap.parse_args()
+    shape = SHAPES[args.shape]
+    tokens = shape["batch"] * shape["block_size"]
+    table = {False: operations(shape, False), True: operations(shape, True)}
+    times = {False: [], True: []}
+    for i in range(len(table[False])):
+        for forms in (False, True):  # interleaved, row by row
+            name, count, fn, fargs = table[forms][i]
+            times[forms].append(count * _timed(fn, fargs, args.repeats))
+    print(f"shape {args.shape}: {tokens} tokens per step; ms per step (count x ms per call)")
+    print(f"| operation (fwd + bwd) | calls | simple MLX ms | mlxgpt ms | speed-up |")
+    print("|---|---|---|---|---|")
+    for i, (name, count, _, _) in enumerate(table[False]):
+        a, b = times[False][i] * 1e3, times[True][i] * 1e3
+        print(f"| {name} | {count} | {a:.1f} | {b:.1f} | {a / b:.1f}x |")
+    ta, tb = sum(times[False]) * 1e3, sum(times[True]) * 1e3
+    print(f"| **sum** | | {ta:.1f} | {tb:.1f} | {ta / tb:.1f}x |")
+    step = time_mlxgpt_steps(args.shape, steps=12, warmup=4)
+    print(f"| real compiled step (mlxgpt.train, median) | 1 | | {tokens / step * 1e3:.1f} | |")
+
+
+if __name__ == "__main__":
+    main()
