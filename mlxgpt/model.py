@@ -155,12 +155,21 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters); on the CPU, in float32, :func:`kernels.layer_norm`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype == mx.float32 and kernels.use_cpu_forms():
+            return kernels.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
+        return super().__call__(x)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array, mask: MaskSpec = "causal", cache: KVCache | None = None):
@@ -184,7 +193,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_f = LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self._init_weights()
 
     def _init_weights(self) -> None:

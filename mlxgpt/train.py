@@ -195,6 +195,10 @@ def train(
 
     if cfg.compile:
         update = mx.compile(update, inputs=train_state, outputs=train_state)
+    if kernels.use_cpu_forms():
+        # MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; a step frees far
+        # more, and each buffer handed back to the OS page-faults in again the next step.
+        mx.set_cache_limit(mx.get_memory_limit())
 
     out_dir.mkdir(parents=True, exist_ok=True)
     log_path = out_dir / "log.jsonl"
