@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--shape", type=int, nargs=3, default=[4, 4, 128], metavar=("L", "H", "D"))
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", default="bench_parallel.json", help="where to write the results")
+    ap.add_argument("--json", default="out/bench_parallel.json", help="where to write the results")
     args = ap.parse_args(argv)
     import mlx.core as mx
 

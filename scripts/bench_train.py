@@ -365,8 +365,19 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per run")
     ap.add_argument("--warmup", type=int, default=8, help="steps dropped first (compilation)")
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--json", default="bench_train.json", help="where to write the results")
+    ap.add_argument("--json", default="out/bench_train.json", help="where to write the results")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        help="BLAS and PyTorch threads (default: theirs); 1 is steadier on a shared machine",
+    )
     args = ap.parse_args()
+    if args.threads:
+        os.environ["OPENBLAS_NUM_THREADS"] = str(args.threads)  # read when MLX loads the BLAS
+        if _have_torch():
+            import torch
+
+            torch.set_num_threads(args.threads)
     result = run(args.shapes, args.steps, args.warmup, args.rounds)
     result["command"] = " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
     print_table(result)

@@ -101,7 +101,18 @@ def operations(name: str, cpu_forms: bool):
         return (lambda x: mx.addmm(bb, x, wt.T)) if bb is not None else (lambda x: x @ wt.T)
 
     def layer_norm(x):
-        return mx.fast.layer_norm(x, ln_w, ln_b if bias else None, LAYER_NORM_EPS)
+        norm = kernels.layer_norm if cpu_forms else mx.fast.layer_norm
+        return norm(x, ln_w, ln_b if bias else None, LAYER_NORM_EPS)
+
+    def heads(qkv):  # the model's split into heads and back (copies in MLX)
+        q, k, v = (z.reshape(b, t, h, hs).transpose(0, 2, 1, 3) for z in mx.split(qkv, 3, axis=-1))
+        return (q + k + v).transpose(0, 2, 1, 3).reshape(b, t, c)
+
+    wte_full, wpe_full = w(v, c), w(t, c)
+    idx = mx.random.randint(0, v, (b, t))
+
+    def embed(wte, wpe):
+        return wte[idx] + wpe[mx.arange(t)]
 
     per_layer = [
         ("layer norm (x2)", 2, layer_norm, (x,), (b, t, c)),
@@ -112,9 +123,11 @@ def operations(name: str, cpu_forms: bool):
         ("GELU", 1, gelu, (hid,), (b, t, 4 * c)),
         ("linear mlp c_proj", 1, linear(w(c, 4 * c), wb(c)), (hid,), (b, t, c)),
         ("residual adds (x2)", 2, lambda a, r: a + r, (x, x), (b, t, c)),
+        ("split heads / merge heads", 1, heads, (n(b, t, 3 * c),), (b, t, c)),
     ]
     wte = w(v, c)
     once = [
+        ("embeddings (token + position)", 1, embed, (wte_full, wpe_full), (b, t, c)),
         ("final layer norm", 1, layer_norm, (x,), (b, t, c)),
         ("LM head (tied)", 1, lambda x: x @ wte.T, (x.reshape(b * t, c),), (b * t, v)),
         ("cross-entropy loss", 1, loss, (logits,), ()),
