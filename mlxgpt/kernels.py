@@ -11,22 +11,25 @@ vectorises that loop only when every operation in it is plain arithmetic: ``+ - 
 comparisons, ``minimum``/``maximum``, ``where``, ``abs``, float/int conversion and
 constant shifts. Each function here computes its result from those operations alone.
 
-Two rules of MLX's fuser shape the code (mlx/compile.cpp):
+What else shapes the code (read off the generated C++ and ``g++ -fopt-info-vec``):
 
-- A fused loop is at most 11 operations deep (a constant operand counts one level
-  more). A deeper graph is split, and every array that crosses the split is written to
-  memory and read back. So polynomials are evaluated by Estrin's scheme (:func:`_poly`,
-  depth ~2 log2(terms) instead of 2 per term) and every function below fits in one or
-  two loops.
-- An intermediate used by two different loops is materialised. :func:`_exp_shifted`
-  therefore computes its rounding step from an expression that MLX cannot merge with
-  the second loop's.
+- MLX fuses at most 11 levels of operations into one loop (mlx/compile.cpp; a constant
+  operand counts one level more) and cuts a deeper graph wherever the limit falls,
+  writing out every array that crosses the cut. Polynomials are therefore evaluated by
+  Estrin's scheme (:func:`_poly`); each GELU is one loop forward and one backward.
+- An intermediate used by two loops is written out; so is ``mx.view``'s input (not
+  fusable), which :func:`_cut` uses to choose where a loop ends.
+- g++ will not vectorise a loop in which a clamp against a *literal* lets it specialise
+  the clamped path (:func:`_opaque`), nor a ``where`` with a division in one branch.
+- A loop with a row-broadcast operand (``x - max``) runs strided, several times slower
+  than a flat one: :func:`_exp_shifted` writes ``x - max`` out once.
 
 What each function computes is the straightforward MLX function's value to float32
 rounding; ``tests/test_kernels.py`` checks values and gradients against ``nn.gelu``,
-``nn.gelu_approx``, ``mx.softmax`` and ``nn.losses.cross_entropy``. All functions are
-correct on every device; :func:`use_cpu_forms` tells the model when to prefer them (on
-the CPU; on a GPU MLX's own fused kernels are the fast ones).
+``nn.gelu_approx``, ``mx.softmax``, ``nn.losses.cross_entropy`` and
+``mx.fast.layer_norm``. All functions are correct on every device; :func:`use_cpu_forms`
+tells the model when to prefer them (on the CPU; on a GPU MLX's own fused kernels are the
+fast ones).
 
 The constants come from ``scripts/fit_kernels.py`` (minimax fits against float64).
 """
@@ -328,7 +331,7 @@ def _row_mean(x: mx.array) -> mx.array:
     return x @ mx.full((x.shape[-1], 1), 1.0 / x.shape[-1], x.dtype)
 
 
-def _layer_norm_stats(x: mx.array, eps: float) -> tuple[mx.array, mx.array]:
+def _layer_norm_stats(x: mx.array, eps: mx.array) -> tuple[mx.array, mx.array]:
     mean = _row_mean(x)
     centered = x - mean
     return mean, mx.rsqrt(_row_mean(centered * centered) + eps)

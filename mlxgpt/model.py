@@ -21,10 +21,10 @@ On the CPU
 ----------
 MLX's CPU kernels for ``exp``/``erf``/``tanh`` run one element at a time, so on the CPU
 the model computes the same functions with :mod:`mlxgpt.kernels` (forms that MLX's
-compiler turns into vectorised loops): the GELU, and for ``mask="causal"`` (and
-``"none"``) the attention as ``softmax(q k^T * scale + causal_mask) v`` with that
-module's softmax. ``mask="explicit"`` always takes MLX's own softmax, the straightforward
-reference the tests compare the other paths with.
+compiler turns into vectorised loops): the GELU, LayerNorm (float32), and for
+``mask="causal"`` (and ``"none"``) the attention as ``softmax(q k^T * scale +
+causal_mask) v`` with that module's softmax. ``mask="explicit"`` always takes MLX's own
+softmax, the straightforward reference the tests compare the other paths with.
 """
 
 from __future__ import annotations

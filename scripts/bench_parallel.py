@@ -9,7 +9,8 @@ position t from seeing tokens after t, so the T next-token losses of one pass ar
 losses of T separate models runs on the prefixes ``x[:, :1]``, ``x[:, :2]``, ...,
 ``x[:, :T]`` (each scoring only its last position). This script computes both for the
 same tokens, asserts that the mean losses (and, with ``--grad``, the gradients) agree,
-and times them interleaved: one pass, then the T prefix passes, repeated. The prefix
+and times them interleaved after one warm-up call each: one pass, then the T prefix
+passes, repeated (medians reported). The prefix
 loop does T passes of up to T tokens, ~T^2/2 token-passes instead of T: the ratio grows
 linearly with T. The model is mlxgpt's GPT at the default preset's width (4 layers x 4
 heads x 128) with a 256-token context, random weights, float32.
@@ -67,6 +68,8 @@ def measure(model, length: int, batch: int, grad: bool, repeats: int, seed: int)
         runs = {k: _grad_fn(model, f) for k, f in runs.items()}
     times: dict[str, list[float]] = {k: [] for k in runs}
     results = {}
+    for f in runs.values():  # warm-up: MLX compiles its kernels for each new shape
+        mx.eval(f(model, x, y))
     for _ in range(repeats):  # interleaved
         for name, f in runs.items():
             t0 = time.perf_counter()

@@ -14,6 +14,7 @@ sys.path.insert(0, str(SCRIPTS))
 
 import bench_parallel  # noqa: E402
 import bench_train  # noqa: E402
+import profile_train  # noqa: E402
 
 TINY_TRAIN = ["--shapes", "tiny", "--steps", "3", "--warmup", "1", "--rounds", "1"]
 
@@ -51,9 +52,10 @@ def _leaky(model, x, y):
 def test_bench_train_without_pytorch_measures_mlxgpt_alone(tmp_path):
     """PyTorch is optional: hidden from the process, the script says so and still runs."""
     out = tmp_path / "train.json"
+    argv = ["bench_train.py", *TINY_TRAIN, "--with-mlx-functions", "--json", str(out)]
     code = (
         "import runpy, sys; sys.modules['torch'] = None; "
-        f"sys.argv = ['bench_train.py', *{TINY_TRAIN + ['--json', str(out)]!r}]; "
+        f"sys.argv = {argv!r}; "
         f"runpy.run_path({str(SCRIPTS / 'bench_train.py')!r}, run_name='__main__')"
     )
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -62,7 +64,8 @@ def test_bench_train_without_pytorch_measures_mlxgpt_alone(tmp_path):
     result = json.loads(out.read_text())
     tiny = result["shapes"]["tiny"]
     assert len(tiny["mlxgpt"]) == 1 and tiny["mlxgpt"][0] > 0 and tiny["torch"] == []
-    assert "| tiny |" in run.stdout
+    assert tiny["mlxgpt_mlx_functions"][0] > 0 and tiny["speedup_over_mlx_functions"][0] > 0
+    assert "| tiny |" in run.stdout and "MLX's own functions" in run.stdout
 
 
 def test_bench_train_in_this_environment(tmp_path):
@@ -76,3 +79,11 @@ def test_bench_train_in_this_environment(tmp_path):
     else:
         assert tiny["torch"] == []
     assert tiny["flops_per_token"] > 0
+
+
+def test_profile_train_prints_every_operation(capsys):
+    profile_train.main(["--shape", "tiny", "--repeats", "1"])
+    out = capsys.readouterr().out
+    for row in ("GELU", "attention core", "layer norm", "cross-entropy", "AdamW", "**sum**"):
+        assert f"| {row}" in out
+    assert "real compiled step" in out
