@@ -23,7 +23,9 @@ MLX's CPU kernels for ``exp``/``erf``/``tanh`` run one element at a time, so on 
 the model computes the same functions with :mod:`mlxgpt.kernels` (forms that MLX's
 compiler turns into vectorised loops): the GELU, LayerNorm (float32), and for
 ``mask="causal"`` (and ``"none"``) the attention as ``softmax(q k^T * scale +
-causal_mask) v`` with that module's softmax. ``mask="explicit"`` always takes MLX's own
+causal_mask) v`` with that module's softmax; each only for arrays of 8192 elements or
+more (:func:`mlxgpt.kernels.use_cpu_forms`: decoding single tokens is faster with MLX's
+own kernels). ``mask="explicit"`` always takes MLX's own
 softmax, the straightforward reference the tests compare the other paths with.
 """
 
@@ -104,7 +106,8 @@ class CausalSelfAttention(nn.Module):
         scale = 1.0 / math.sqrt(C // self.n_head)
         if isinstance(mask, str) and mask == "explicit":
             mask = causal_mask(q.shape[2], k.shape[2])
-        if (mask is None or isinstance(mask, str)) and kernels.use_cpu_forms():
+        scores_size = B * self.n_head * T * k.shape[2]
+        if (mask is None or isinstance(mask, str)) and kernels.use_cpu_forms(scores_size):
             y = _attention_cpu(q, k, v, mask, scale)
         elif mask is None or isinstance(mask, str):  # None or "causal": the fused kernel
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
@@ -149,7 +152,7 @@ class MLP(nn.Module):
     def activation(self, x: mx.array) -> mx.array:
         """The configured GELU: MLX's function, or on the CPU the same in vectorisable form."""
         simple, cpu_form = ACTIVATIONS[self.activation_name]
-        return cpu_form(x) if kernels.use_cpu_forms() else simple(x)
+        return cpu_form(x) if kernels.use_cpu_forms(x.size) else simple(x)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
@@ -159,7 +162,7 @@ class LayerNorm(nn.LayerNorm):
     """``nn.LayerNorm`` (same parameters); on the CPU, in float32, :func:`kernels.layer_norm`."""
 
     def __call__(self, x: mx.array) -> mx.array:
-        if x.dtype == mx.float32 and kernels.use_cpu_forms():
+        if x.dtype == mx.float32 and kernels.use_cpu_forms(x.size):
             return kernels.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
         return super().__call__(x)
 

@@ -47,7 +47,7 @@ class TrainingDiverged(UserError, RuntimeError):
 def loss_fn(model: GPT, x: mx.array, y: mx.array, mask: str = "causal") -> mx.array:
     """Mean next-token cross-entropy over all positions, computed in float32."""
     logits = model(x, mask=mask).astype(mx.float32)
-    if kernels.use_cpu_forms():  # same function, vectorisable on the CPU (mlxgpt/kernels.py)
+    if kernels.use_cpu_forms(logits.size):  # same function, vectorisable (mlxgpt/kernels.py)
         return kernels.cross_entropy(logits, y).mean()
     return nn.losses.cross_entropy(logits, y, reduction="mean")
 

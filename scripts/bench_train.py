@@ -87,7 +87,7 @@ def time_mlxgpt_steps(name: str, steps: int, warmup: int, cpu_forms: bool = True
 
     chosen = kernels.use_cpu_forms
     if not cpu_forms:
-        kernels.use_cpu_forms = lambda: False
+        kernels.use_cpu_forms = lambda size=None: False
         mx.set_cache_limit(32 << 20)
     try:
         with tempfile.TemporaryDirectory() as tmp:

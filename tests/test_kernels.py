@@ -20,7 +20,7 @@ from mlx.utils import tree_flatten
 
 from mlxgpt import kernels
 from mlxgpt.config import GPTConfig
-from mlxgpt.model import GPT
+from mlxgpt.model import GPT, make_cache
 from mlxgpt.train import loss_fn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -175,9 +175,24 @@ def test_layer_norm_matches_mx_fast_values_and_gradients(bias):
         np.testing.assert_allclose(np.array(a), np.array(r), rtol=1e-4, atol=1e-4)
 
 
+def test_cpu_forms_are_for_large_arrays_only():
+    """Decoding one token handles a few hundred elements: MLX's own kernels are faster."""
+    assert kernels.use_cpu_forms()  # these tests run on the CPU
+    assert not kernels.use_cpu_forms(kernels.CPU_FORMS_MIN_SIZE - 1)
+    assert kernels.use_cpu_forms(kernels.CPU_FORMS_MIN_SIZE)
+
+
+@pytest.fixture
+def cpu_forms_everywhere(monkeypatch):
+    """Tiny test models use the CPU forms too (they are below the size threshold)."""
+    monkeypatch.setattr(kernels, "CPU_FORMS_MIN_SIZE", 0)
+
+
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
 @pytest.mark.parametrize("mask", ["causal", "none"])
-def test_model_with_cpu_forms_equals_model_with_mlx_functions(monkeypatch, activation, mask):
+def test_model_with_cpu_forms_equals_model_with_mlx_functions(
+    monkeypatch, cpu_forms_everywhere, activation, mask
+):
     """Same loss and same gradient for every parameter, whichever forms run."""
     cfg = GPTConfig(vocab_size=31, block_size=16, n_layer=2, n_head=2, n_embd=32)
     cfg.activation = activation
@@ -187,8 +202,26 @@ def test_model_with_cpu_forms_equals_model_with_mlx_functions(monkeypatch, activ
     y = mx.random.randint(0, 31, (3, 16))
     value_and_grad = nn.value_and_grad(model, lambda m, a, b: loss_fn(m, a, b, mask=mask))
     fast = value_and_grad(model, x, y)
-    monkeypatch.setattr(kernels, "use_cpu_forms", lambda: False)
+    monkeypatch.setattr(kernels, "use_cpu_forms", lambda size=None: False)
     simple = value_and_grad(model, x, y)
     assert abs(fast[0].item() - simple[0].item()) < 1e-5
     for (name, a), (_, b) in zip(tree_flatten(fast[1]), tree_flatten(simple[1]), strict=True):
         np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=2e-5, err_msg=name)
+
+
+def test_cpu_attention_path_is_causal_and_matches_the_kv_cache(cpu_forms_everywhere):
+    """With the CPU forms, a later token never changes earlier logits, and cached
+    decoding (queries aligned bottom-right) gives the logits of the full pass."""
+    cfg = GPTConfig(vocab_size=29, block_size=12, n_layer=2, n_head=2, n_embd=16)
+    mx.random.seed(5)
+    model = GPT(cfg)
+    ids = np.random.default_rng(6).integers(0, 29, (2, 12))
+    changed = ids.copy()
+    changed[:, 7:] = (changed[:, 7:] + 1) % 29
+    a, b = model(mx.array(ids)), model(mx.array(changed))
+    np.testing.assert_array_equal(np.array(a[:, :7]), np.array(b[:, :7]))
+    assert np.abs(np.array(a[:, 7:]) - np.array(b[:, 7:])).max() > 1e-4
+    cache = make_cache(model)
+    model(mx.array(ids[:, :5]), cache=cache)
+    chunk = model(mx.array(ids[:, 5:]), cache=cache)
+    np.testing.assert_allclose(np.array(chunk), np.array(a[:, 5:]), atol=1e-5)
