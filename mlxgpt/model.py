@@ -16,6 +16,17 @@ the ``kv_len`` positions (bottom-right aligned), which is what decoding with a K
 needs. The fused path (``mask="causal"``) asks ``mx.fast.scaled_dot_product_attention``
 for the same rule (its ``"causal"`` mask is documented as lower-right aligned); the
 explicit path (``mask="explicit"``) builds the matrix; tests check both agree.
+
+On the CPU
+----------
+MLX's CPU kernels for ``exp``/``erf``/``tanh`` run one element at a time, so on the CPU
+the model computes the same functions with :mod:`mlxgpt.kernels` (forms that MLX's
+compiler turns into vectorised loops): the GELU, LayerNorm (float32), and for
+``mask="causal"`` (and ``"none"``) the attention as ``softmax(q k^T * scale +
+causal_mask) v`` with that module's softmax; each only for arrays of 8192 elements or
+more (:func:`mlxgpt.kernels.use_cpu_forms`: decoding single tokens is faster with MLX's
+own kernels). ``mask="explicit"`` always takes MLX's own
+softmax, the straightforward reference the tests compare the other paths with.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from mlxgpt import kernels
 from mlxgpt.config import LAYER_NORM_EPS, GPTConfig
 
 MaskSpec = str | mx.array | None  # "causal" | "explicit" | "none" | additive array
@@ -94,7 +106,10 @@ class CausalSelfAttention(nn.Module):
         scale = 1.0 / math.sqrt(C // self.n_head)
         if isinstance(mask, str) and mask == "explicit":
             mask = causal_mask(q.shape[2], k.shape[2])
-        if mask is None or isinstance(mask, str):  # None or "causal": the fused kernel
+        scores_size = B * self.n_head * T * k.shape[2]
+        if (mask is None or isinstance(mask, str)) and kernels.use_cpu_forms(scores_size):
+            y = _attention_cpu(q, k, v, mask, scale)
+        elif mask is None or isinstance(mask, str):  # None or "causal": the fused kernel
             y = mx.fast.scaled_dot_product_attention(q, k, v, scale=scale, mask=mask)
         else:
             y = attention_weights(q, k, mask, scale).astype(v.dtype) @ v
@@ -108,7 +123,22 @@ def attention_weights(q: mx.array, k: mx.array, mask: mx.array, scale: float) ->
     return mx.softmax(scores + mask.astype(mx.float32), axis=-1)
 
 
-ACTIVATIONS = {"gelu": nn.gelu, "gelu_tanh": nn.gelu_approx}  # GPTConfig.activation
+def _attention_cpu(q: mx.array, k: mx.array, v: mx.array, mask: str | None, scale: float):
+    """``softmax(q k^T * scale + causal_mask) v`` (no mask for ``None``), float32 softmax.
+
+    The fused kernel's computation written out, with :func:`mlxgpt.kernels.softmax`.
+    """
+    scores = (q * scale).astype(mx.float32) @ k.astype(mx.float32).transpose(0, 1, 3, 2)
+    if mask is not None:
+        scores = scores + causal_mask(q.shape[2], k.shape[2])
+    return kernels.softmax(scores).astype(v.dtype) @ v
+
+
+# GPTConfig.activation -> (MLX's function, the same function in vectorisable form)
+ACTIVATIONS = {
+    "gelu": (nn.gelu, kernels.gelu),
+    "gelu_tanh": (nn.gelu_approx, kernels.gelu_tanh),
+}
 
 
 class MLP(nn.Module):
@@ -117,18 +147,32 @@ class MLP(nn.Module):
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
-        self.activation = ACTIVATIONS[config.activation]
+        self.activation_name = config.activation
+
+    def activation(self, x: mx.array) -> mx.array:
+        """The configured GELU: MLX's function, or on the CPU the same in vectorisable form."""
+        simple, cpu_form = ACTIVATIONS[self.activation_name]
+        return cpu_form(x) if kernels.use_cpu_forms(x.size) else simple(x)
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.dropout(self.c_proj(self.activation(self.c_fc(x))))
 
 
+class LayerNorm(nn.LayerNorm):
+    """``nn.LayerNorm`` (same parameters); on the CPU, in float32, :func:`kernels.layer_norm`."""
+
+    def __call__(self, x: mx.array) -> mx.array:
+        if x.dtype == mx.float32 and kernels.use_cpu_forms(x.size):
+            return kernels.layer_norm(x, self.get("weight"), self.get("bias"), self.eps)
+        return super().__call__(x)
+
+
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_1 = LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_2 = LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self.mlp = MLP(config)
 
     def __call__(self, x: mx.array, mask: MaskSpec = "causal", cache: KVCache | None = None):
@@ -152,7 +196,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.h = [Block(config) for _ in range(config.n_layer)]
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
+        self.ln_f = LayerNorm(config.n_embd, eps=LAYER_NORM_EPS, bias=config.bias)
         self._init_weights()
 
     def _init_weights(self) -> None:

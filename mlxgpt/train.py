@@ -39,7 +39,7 @@ import numpy as np
 from mlx.utils import tree_map, tree_reduce
 from tqdm import tqdm
 
-from mlxgpt import __version__
+from mlxgpt import __version__, kernels
 from mlxgpt.checkpoint import (
     TEMP_MARKER,
     CheckpointError,
@@ -104,6 +104,8 @@ class OutDirError(UserError, ValueError):
 def loss_fn(model: GPT, x: mx.array, y: mx.array, mask: str = "causal") -> mx.array:
     """Mean next-token cross-entropy over all positions, computed in float32."""
     logits = model(x, mask=mask).astype(mx.float32)
+    if kernels.use_cpu_forms(logits.size):  # same function, vectorisable (mlxgpt/kernels.py)
+        return kernels.cross_entropy(logits, y).mean()
     return nn.losses.cross_entropy(logits, y, reduction="mean")
 
 
@@ -740,6 +742,10 @@ def _loop(
     the run moves on."""
     cfg, out_dir, world = run.cfg, run.out_dir, run.world
     step_fn = make_step_fn(run.model, run.optimizer, cfg, world)
+    if kernels.use_cpu_forms():
+        # MLX's CPU allocator keeps only 32 MB of freed buffers for reuse; a step frees far
+        # more, and each buffer handed back to the OS page-faults in again the next step.
+        mx.set_cache_limit(mx.get_memory_limit())
     last, start_step = run.last_step, run.step
     if not quiet:
         _describe(run)
