@@ -20,8 +20,9 @@ Requests (:class:`Job`) join and leave between decode steps:
   the row leaves the batch and is prefilled again from its window (other rows keep their
   cache).
 
-Every job samples with :func:`mlxgpt.sampling.sample_next` from its own
-``numpy.random.default_rng(seed)``, one draw per token, in its own order, so a job gets
+Every job samples by :func:`mlxgpt.sampling.sample_next`'s rule (all rows at once:
+:func:`~mlxgpt.sampling.sample_rows`) from its own ``numpy.random.default_rng(seed)``,
+one draw per token, in its own order, so a job gets
 exactly the tokens ``OnnxGPT.generate_ids`` gives it alone, whatever else is in the
 batch (tested in ``tests/test_server_batching.py``).
 
@@ -42,7 +43,7 @@ from typing import Protocol
 
 import numpy as np
 
-from mlxgpt.sampling import SamplingParams, crop_prompt, sample_next
+from mlxgpt.sampling import SamplingParams, crop_prompt, sample_rows
 from mlxgpt_export.errors import ExportError
 from mlxgpt_export.runtime import OnnxGPT, Past, check_token_ids
 
@@ -224,10 +225,8 @@ class Engine:
             return False
         batch, self._batch = self._batch, None
         self.peak_batch = max(self.peak_batch, len(batch.jobs))
-        tokens = [
-            sample_next(row, job.params, job.rng)
-            for row, job in zip(batch.logits, batch.jobs, strict=True)
-        ]
+        jobs = batch.jobs
+        tokens = sample_rows(batch.logits, [j.params for j in jobs], [j.rng for j in jobs])
         keep, going = [], []
         for row, (job, token) in enumerate(zip(batch.jobs, tokens, strict=True)):
             if token == self.stop_id:

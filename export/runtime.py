@@ -44,7 +44,7 @@ from mlxgpt.sampling import (
     crop_prompt,
     generate_ids,
     is_whole,
-    sample_next,
+    sample_rows,
 )
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 from mlxgpt_export import signature as sig
@@ -379,14 +379,9 @@ class _Decoder:
 def next_tokens(
     logits: np.ndarray, params: SamplingParams, rngs: Sequence[np.random.Generator]
 ) -> list[int]:
-    """Every row's next token: :func:`~mlxgpt.sampling.sample_next` of each row, each with its rng.
-
-    A greedy step is one arg-max over the batch (the lowest id among ties, as
-    ``sample_next`` picks); logits with NaN or inf go through ``sample_next``, which raises.
-    """
-    if params.greedy and np.isfinite(logits).all():
-        return np.argmax(logits, axis=-1).tolist()
-    return [sample_next(row, params, rng) for row, rng in zip(logits, rngs, strict=True)]
+    """Every row's next token: :func:`~mlxgpt.sampling.sample_next` of each row, each with
+    its rng (batched by :func:`~mlxgpt.sampling.sample_rows`)."""
+    return sample_rows(logits, [params] * len(rngs), rngs)
 
 
 class OnnxGPT:

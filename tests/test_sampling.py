@@ -17,6 +17,7 @@ from mlxgpt.sampling import (
     from_generation_config,
     generate_ids,
     sample_next,
+    sample_rows,
     to_generation_config,
 )
 
@@ -216,3 +217,53 @@ def test_generation_config_round_trip_keeps_the_meaning(params):
     assert values["do_sample"] == (params.temperature > 0)
     if values["do_sample"]:
         assert values["top_k"] == (params.top_k or 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 12),
+    vocab=st.sampled_from([2, 7, 65, 130, 1000, 50257]),
+    scale=st.sampled_from([0.01, 1.0, 8.0, 40.0]),
+    dtype=st.sampled_from([np.float32, np.float16, np.float64]),
+    data=st.data(),
+)
+def test_sample_rows_picks_what_sample_next_picks_row_by_row(rows, vocab, scale, dtype, data):
+    """The batched paths (greedy rows together, temperature-only rows as array operations)
+    are the per-row rule exactly: same tokens, same random draws, for mixed settings."""
+    settings_ = st.sampled_from(
+        [
+            SamplingParams(),
+            SamplingParams(0.8),
+            SamplingParams(1.0),
+            SamplingParams(1.7),
+            SamplingParams(0.05),
+            SamplingParams(0.8, top_k=5),
+            SamplingParams(0.8, top_p=0.9),
+            SamplingParams(0.9, top_k=vocab),  # top-k that keeps everything: plain
+        ]
+    )
+    params = [data.draw(settings_) for _ in range(rows)]
+    seeds = [data.draw(st.integers(0, MAX_SEED)) for _ in range(rows)]
+    logits = (np.random.default_rng(seeds[0]).standard_normal((rows, vocab)) * scale).astype(dtype)
+    if data.draw(st.booleans()):  # exact ties, where the lowest id must win
+        logits[:, vocab // 2] = logits[:, 0]
+    batched = sample_rows(logits, params, [np.random.default_rng(s) for s in seeds])
+    rngs = [np.random.default_rng(s) for s in seeds]
+    one_by_one = [
+        sample_next(row, p, rng) for row, p, rng in zip(logits, params, rngs, strict=True)
+    ]
+    assert batched == one_by_one
+    # every row drew as many numbers as sample_next made it draw: the streams stay in step
+    after = [np.random.default_rng(s) for s in seeds]
+    batched_rngs = [np.random.default_rng(s) for s in seeds]
+    sample_rows(logits, params, batched_rngs)
+    for p, rng, fresh in zip(params, batched_rngs, after, strict=True):
+        if not p.greedy:
+            fresh.random()
+        assert rng.random() == fresh.random()
+
+
+def test_sample_rows_raises_like_sample_next_on_invalid_logits():
+    logits = np.array([[0.0, 1.0], [np.nan, 0.0]], dtype=np.float32)
+    with pytest.raises(ValueError, match="NaN or inf"):
+        sample_rows(logits, [SamplingParams(0.8)] * 2, [np.random.default_rng(0)] * 2)
