@@ -129,6 +129,15 @@ def free_ports(n: int) -> int:
     raise RuntimeError("no free ports")
 
 
+def ring_command(ranks: int, command: list[str], *env: str) -> list[str]:
+    """``mlx.launch`` (the venv's) running ``command`` as ``ranks`` ranks of a ring on
+    localhost, on ports free now; ``env``: ``NAME=value`` settings for every rank."""
+    launcher = Path(sys.executable).parent / "mlx.launch"
+    settings = [arg for setting in env for arg in ("--env", setting)]
+    ports = ["--starting-port", str(free_ports(ranks))]
+    return [str(launcher), "--backend", "ring", "-n", str(ranks), *ports, *settings, "--", *command]
+
+
 def run_once(ranks: int, args: argparse.Namespace) -> dict:
     passed = [
         "--worker",
@@ -137,21 +146,9 @@ def run_once(ranks: int, args: argparse.Namespace) -> dict:
     command = [sys.executable, str(HERE), *passed]
     threads = max(1, (os.cpu_count() or 1) // ranks)
     if ranks > 1:
-        launcher = Path(sys.executable).parent / "mlx.launch"
-        command = [
-            str(launcher),
-            "--backend",
-            "ring",
-            "-n",
-            str(ranks),
-            "--starting-port",
-            str(free_ports(ranks)),
-            # ranks on one machine share its cores: each gets its share of BLAS threads
-            "--env",
-            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS') or threads}",
-            "--",
-            *command,
-        ]
+        # ranks on one machine share its cores: each gets its share of BLAS threads
+        blas = f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS') or threads}"
+        command = ring_command(ranks, command, blas)
     env = {k: v for k, v in os.environ.items() if k not in ("MLX_RANK", "MLX_HOSTFILE")}
     proc = subprocess.Popen(
         command,

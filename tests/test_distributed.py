@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -36,30 +34,14 @@ from mlxgpt.distributed import (
 )
 from mlxgpt.train import resolve_config, train
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_distributed import ring_command  # noqa: E402  (the same mlx.launch line as the benchmark)
+
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 RUN_TIMEOUT_S = 120  # a hang fails the test instead of blocking the suite
 
 
 # -- the harness --------------------------------------------------------------------------------
-def free_port_pair() -> int:
-    """A port P such that P and P + 1 (rank 0 and rank 1 of a local ring) are free now."""
-    for _ in range(200):
-        port = random.randint(20_000, 60_000)
-        socks = []
-        try:
-            for p in (port, port + 1):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return port
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free pair of ports found")
-
-
 def tiny_args(corpus: Path, out: Path, **extra: object) -> list[str]:
     """`mlxgpt train` arguments for the conftest's tiny model."""
     values = {
@@ -90,20 +72,7 @@ def tiny_args(corpus: Path, out: Path, **extra: object) -> list[str]:
 
 def launch_command(n: int, args: list[str]) -> list[str]:
     assert MLX_LAUNCH.is_file(), f"{MLX_LAUNCH} is missing: pip install mlx (it ships mlx.launch)"
-    return [
-        str(MLX_LAUNCH),
-        "--backend",
-        "ring",
-        "-n",
-        str(n),
-        "--starting-port",
-        str(free_port_pair()),
-        "--",
-        sys.executable,
-        "-m",
-        "mlxgpt",
-        *args,
-    ]
+    return ring_command(n, [sys.executable, "-m", "mlxgpt", *args])
 
 
 def start(n: int, args: list[str]) -> subprocess.Popen:
