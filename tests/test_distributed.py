@@ -35,7 +35,8 @@ from mlxgpt.distributed import (
 from mlxgpt.train import resolve_config, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-from bench_distributed import ring_command  # noqa: E402  (the same mlx.launch line as the benchmark)
+import bench_distributed as bench  # noqa: E402
+from bench_distributed import ring_command  # noqa: E402  (the benchmark's mlx.launch line)
 
 MLX_LAUNCH = Path(sys.executable).parent / "mlx.launch"
 RUN_TIMEOUT_S = 120  # a hang fails the test instead of blocking the suite
@@ -331,12 +332,6 @@ def _alive(pid: int) -> bool:
 
 def test_bench_distributed_smoke(capsys):
     """scripts/bench_distributed.py on a tiny model: both rows, the ratio, a real all-reduce."""
-    import importlib.util
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_distributed.py"
-    spec = importlib.util.spec_from_file_location("bench_distributed", script)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     tiny = "--repeats 1 --steps 2 --warmup 1 --n-layer 1 --n-head 2 --n-embd 16 --block-size 16"
     rows = bench.main([*tiny.split(), "--batch-size", "2", "--timeout", str(RUN_TIMEOUT_S)])
     assert [r["ranks"] for r in rows] == [1, 2]
