@@ -14,7 +14,11 @@ errors (non-200 or a broken connection) and lost requests (a stream without
 ``data: [DONE]``). Then the ratios the README quotes and whether the targets hold:
 16 clients >= 4x the tokens/s of one, p99 TTFT < 1 s at 16 clients, no error, no loss.
 Every request has a fixed token budget and the run stops by itself; only 127.0.0.1 is
-contacted. The load generator runs on the same CPU as the servers.
+contacted. The load generator runs on the same CPUs as the servers, unless
+``--server-cpus 0,1`` pins the servers to those CPUs and the load generator to the others
+(Linux; as if the clients ran on other machines)::
+
+    python scripts/bench_serve.py --clients 1,16 --server-cpus 0,1 --server-flags --threads 1
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import argparse
 import asyncio
 import dataclasses
 import json
+import os
 import signal
 import statistics
 import subprocess
@@ -46,11 +51,12 @@ TARGET_RATIO, TARGET_TTFT_S = 4.0, 1.0
 class Server:
     """``mlxgpt-ort serve`` in a subprocess on a free port."""
 
-    def __init__(self, folder: Path, *flags: str):
+    def __init__(self, folder: Path, *flags: str, cpus: set[int] | None = None):
+        pin = None if cpus is None else (lambda: os.sched_setaffinity(0, cpus))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "mlxgpt_export", "serve", str(folder), "--port", "0",
              "--log-level", "warning", *flags],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, text=True, preexec_fn=pin,  # pinned before it starts
         )  # fmt: skip
         line = self.proc.stdout.readline()
         if not line.startswith("serving "):
@@ -174,19 +180,25 @@ def main() -> int:
     )
     parser.add_argument("--max-batch", type=int, default=16, help="the batched server's batch")
     parser.add_argument(
+        "--server-cpus",
+        help="pin the servers to these CPUs (e.g. 0,1) and the load generator to the others, "
+        "as if the clients ran elsewhere (Linux)",
+    )
+    parser.add_argument(
         "--server-flags", nargs=argparse.REMAINDER, default=[],
         help="the rest of the line goes to both servers (e.g. --threads 1)",
     )  # fmt: skip
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
+    cpus = pin_load_generator(args.server_cpus) if args.server_cpus else None
     with tempfile.TemporaryDirectory() as tmp:
         folder = args.export or default_export(Path(tmp))
         queue = str(max(clients) + args.max_batch)  # room for every client: no 503 by design
         batched = ["--max-batch", str(args.max_batch), "--max-queue", queue]
         servers = {
-            f"batched ({args.max_batch})": Server(folder, *batched, *args.server_flags),
+            f"batched ({args.max_batch})": Server(folder, *batched, *args.server_flags, cpus=cpus),
             "unbatched (1)": Server(
-                folder, "--max-batch", "1", "--max-queue", queue, *args.server_flags
+                folder, "--max-batch", "1", "--max-queue", queue, *args.server_flags, cpus=cpus
             ),
         }
         try:
@@ -206,6 +218,22 @@ def main() -> int:
             codes = [server.stop() for server in servers.values()]
     print_table(rows, args)
     return report(rows, clients, list(servers), codes)
+
+
+def pin_load_generator(server_cpus: str) -> set[int]:
+    """The servers' CPUs; this process (the load generator) moves to all the others."""
+    if not hasattr(os, "sched_setaffinity"):
+        raise SystemExit("error: --server-cpus needs Linux (os.sched_setaffinity)")
+    cpus = {int(c) for c in server_cpus.split(",")}
+    others = set(range(os.cpu_count() or 1)) - cpus
+    if not cpus <= os.sched_getaffinity(0):
+        raise SystemExit(f"error: --server-cpus {server_cpus}: this process may only use "
+                         f"CPUs {sorted(os.sched_getaffinity(0))}")  # fmt: skip
+    if not others:
+        raise SystemExit(f"error: --server-cpus {server_cpus}: leave the load generator a CPU")
+    os.sched_setaffinity(0, others)
+    print(f"servers on CPUs {sorted(cpus)}, load generator on {sorted(others)}")
+    return cpus
 
 
 def print_table(rows: dict, args: argparse.Namespace) -> None:

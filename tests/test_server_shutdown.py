@@ -141,3 +141,21 @@ def test_serve_reports_a_port_in_use(folder: Path):
         assert "Traceback" not in result.stderr
     finally:
         assert server.stop()[0] == 0
+
+
+def test_serving_shortens_the_gil_switch_interval_and_restores_it(folder: Path, monkeypatch):
+    """The engine thread must not wait Python's default 5 ms for the GIL after each step
+    while the event loop writes events; the caller's interval comes back afterwards."""
+    from mlxgpt_export import server as server_module
+
+    seen: list[float] = []
+
+    class Recorder:
+        def run(self, sockets) -> None:
+            seen.append(sys.getswitchinterval())
+
+    monkeypatch.setattr(server_module, "make_server", lambda *args, **kwargs: Recorder())
+    before = sys.getswitchinterval()
+    assert server_module.serve(folder, port=0) == 0
+    assert seen == [pytest.approx(server_module.GIL_SWITCH_INTERVAL_S)] and seen[0] < before
+    assert sys.getswitchinterval() == before
