@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import logging
 import os
@@ -62,7 +61,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from mlxgpt.sampling import SamplingParams, crop_prompt
+from mlxgpt.sampling import SamplingParams, crop_prompt, with_overrides
 from mlxgpt.tokenizer import StreamDecoder, Tokenizer, TokenizerError, prompt_ids
 from mlxgpt_export.batching import Engine, EngineFull, Job, Limits
 from mlxgpt_export.errors import ExportError
@@ -340,14 +339,13 @@ class Service:
 
     def settings(self, request: CompletionRequest) -> tuple[SamplingParams, int]:
         """The request's settings; omitted ones come from generation_config.json (CLI rule)."""
-        changes: dict[str, Any] = {"seed": request.seed}
-        if request.temperature is not None:
-            changes["temperature"] = request.temperature
-        if request.top_p is not None:
-            changes["top_p"] = request.top_p
-        if request.top_k is not None:
-            changes["top_k"] = request.top_k or None
-        params = dataclasses.replace(self.base, **changes)
+        params = with_overrides(
+            self.base,
+            temperature=request.temperature,
+            top_k=request.top_k,
+            top_p=request.top_p,
+            seed=request.seed,
+        )
         max_tokens = self.default_max_tokens if request.max_tokens is None else request.max_tokens
         if max_tokens > self.limits.max_tokens:
             raise ApiError(

@@ -7,15 +7,13 @@ reported as one ``error: ...`` line and exit status 2, never as a traceback.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any
 
 from mlxgpt import __version__
 from mlxgpt.config import ConfigError
 from mlxgpt.errors import UserError
-from mlxgpt.sampling import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams
+from mlxgpt.sampling import DEFAULT_MAX_TOKENS, MAX_SEED, SamplingParams, with_overrides
 from mlxgpt.tokenizer import Tokenizer, prompt_ids
 
 
@@ -124,15 +122,13 @@ def sampling_params(
     base_max_tokens: int = DEFAULT_MAX_TOKENS,
 ) -> tuple[SamplingParams, int]:
     """The settings asked for on the command line; options not given come from ``base``."""
-    base = base or SamplingParams()
-    changes: dict[str, Any] = {"seed": args.seed}
-    if args.temperature is not None:
-        changes["temperature"] = args.temperature
-    if args.top_p is not None:
-        changes["top_p"] = args.top_p
-    if args.top_k is not None:
-        changes["top_k"] = args.top_k or None
-    params = dataclasses.replace(base, **changes)
+    params = with_overrides(
+        base or SamplingParams(),
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
     return params, base_max_tokens if args.max_tokens is None else args.max_tokens
 
 

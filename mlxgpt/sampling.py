@@ -38,7 +38,7 @@ Optimum and transformers.js.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -137,6 +137,27 @@ def from_generation_config(values: Mapping[str, Any]) -> tuple[SamplingParams, i
     except (TypeError, ValueError) as err:
         raise SamplingError(f"invalid sampling settings {dict(values)}: {err}") from None
     return params, max_tokens
+
+
+def with_overrides(
+    base: SamplingParams,
+    *,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+) -> SamplingParams:
+    """``base`` (e.g. an export folder's ``generation_config.json``) with the settings a
+    caller gave: ``None`` keeps ``base``'s, ``top_k=0`` turns top-k off; the seed is always
+    the caller's. The one rule for command-line flags and the server's request fields."""
+    changes: dict[str, Any] = {"seed": seed}
+    if temperature is not None:
+        changes["temperature"] = temperature
+    if top_p is not None:
+        changes["top_p"] = top_p
+    if top_k is not None:
+        changes["top_k"] = top_k or None
+    return replace(base, **changes)
 
 
 def filtered_probs(logits: np.ndarray, params: SamplingParams) -> np.ndarray:
