@@ -159,3 +159,21 @@ def test_serving_shortens_the_gil_switch_interval_and_restores_it(folder: Path, 
     assert server_module.serve(folder, port=0) == 0
     assert seen == [pytest.approx(server_module.GIL_SWITCH_INTERVAL_S)] and seen[0] < before
     assert sys.getswitchinterval() == before
+
+
+def test_the_server_runs_on_uvloop_and_httptools(folder: Path):
+    """uvicorn picks its fast event loop and HTTP parser only if they are installed; they
+    are dependencies because each token's SSE event costs the event loop less with them."""
+    from mlxgpt_export.batching import Limits
+    from mlxgpt_export.server import create_app, make_server
+
+    app = create_app(OnnxGPT.load(folder), "m")
+    config = make_server(app, Limits(), 1.0, "warning").config
+    config.load()
+    assert config.http_protocol_class.__module__ == "uvicorn.protocols.http.httptools_impl"
+    if sys.platform != "win32":  # uvloop has no Windows build
+        loop = config.get_loop_factory()()
+        try:
+            assert type(loop).__module__.split(".")[0] == "uvloop"
+        finally:
+            loop.close()
