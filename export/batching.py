@@ -406,6 +406,17 @@ class Engine:
         for job in jobs:
             self._finish(job, "error")
 
+    def safe_step(self) -> bool:
+        """:meth:`step`, except that an unexpected error (a bug, not bad input: inputs were
+        checked) ends the affected jobs with ``"error"`` and returns False instead of raising,
+        so the engine keeps serving."""
+        try:
+            return self.step()
+        except Exception:
+            log.exception("generation step failed; ending the affected requests")
+            self._fail_all()
+            return False
+
     def run_until_idle(self) -> None:
         """Step until no job is left (synchronous; for tests and scripts)."""
         while self.step():
@@ -418,11 +429,7 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-            try:
-                self.step()
-            except Exception:  # a bug, not bad input (inputs were checked): keep serving
-                log.exception("generation step failed; ending the affected requests")
-                self._fail_all()
+            self.safe_step()
 
     def start(self) -> None:
         """Run the engine in a background thread until :meth:`stop`."""

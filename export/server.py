@@ -11,7 +11,8 @@ requests in strict mode. All three are small, widely used and maintained; none p
 MLX, ``onnx``, safetensors, tqdm or matplotlib, and neither does this module.
 
 **Same text as** ``mlxgpt-ort generate``. A completion is the continuation of the prompt
-(without the prompt), produced by :class:`~mlxgpt_export.batching.Engine` with
+(without the prompt), produced by :class:`~mlxgpt_export.batching.Engine` (in a process of
+its own under ``serve``: :mod:`mlxgpt_export.engine_process`) with
 :mod:`mlxgpt.sampling`'s rules and a per-request ``default_rng(seed)``. Settings a request
 omits take the folder's ``generation_config.json`` values
 (:meth:`OnnxGPT.default_settings <mlxgpt_export.runtime.OnnxGPT.default_settings>`), as
@@ -44,7 +45,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import time
 import uuid
 from collections import deque
@@ -64,6 +64,7 @@ from starlette.routing import Route
 from mlxgpt.sampling import SamplingParams, crop_prompt, with_overrides
 from mlxgpt.tokenizer import StreamDecoder, Tokenizer, TokenizerError, prompt_ids
 from mlxgpt_export.batching import Engine, EngineFull, Job, Limits
+from mlxgpt_export.engine_process import EngineStopped, ProcessEngine
 from mlxgpt_export.errors import ExportError
 from mlxgpt_export.runtime import OnnxGPT
 
@@ -321,7 +322,13 @@ class ChoiceSink:
 class Service:
     """The model, its engine and the limits behind the HTTP routes."""
 
-    def __init__(self, model: OnnxGPT, model_id: str, limits: Limits):
+    def __init__(
+        self,
+        model: OnnxGPT,
+        model_id: str,
+        limits: Limits,
+        engine: Engine | ProcessEngine | None = None,
+    ):
         if model.tokenizer is None:
             raise ServeError("the export folder has no tokenizer")
         base, default_max_tokens = model.default_settings()
@@ -333,7 +340,7 @@ class Service:
         self.model, self.model_id, self.limits = model, model_id, limits
         self.tokenizer: Tokenizer = model.tokenizer
         self.base, self.default_max_tokens = base, default_max_tokens
-        self.engine = Engine(model, limits.max_batch, limits.max_queue)
+        self.engine = engine or Engine(model, limits.max_batch, limits.max_queue)
         self.created = int(time.time())
         self.courier: Courier | None = None  # made in the event loop, at the first request
 
@@ -411,6 +418,8 @@ class Service:
         ]
         try:
             self.engine.submit([c.job for c in choices])
+        except EngineStopped as err:  # no retry helps: the server must be restarted
+            raise ApiError(503, str(err), code="engine_stopped", kind="server_error") from None
         except EngineFull as err:
             raise ApiError(
                 503,
@@ -526,9 +535,18 @@ async def until_disconnect(request: Request, work: asyncio.Future) -> Any:
     return None
 
 
-def create_app(model: OnnxGPT, model_id: str, limits: Limits | None = None) -> Starlette:
-    """The Starlette app serving ``model`` as ``model_id`` (see the module docstring)."""
-    service = Service(model, model_id, limits or Limits())
+def create_app(
+    model: OnnxGPT,
+    model_id: str,
+    limits: Limits | None = None,
+    engine: Engine | ProcessEngine | None = None,
+) -> Starlette:
+    """The Starlette app serving ``model`` as ``model_id`` (see the module docstring).
+
+    ``engine``: what decodes (default: an :class:`Engine` thread in this process over
+    ``model``; ``serve`` passes a :class:`ProcessEngine`).
+    """
+    service = Service(model, model_id, limits or Limits(), engine)
 
     async def completions(request: Request) -> Response:
         body = parse_request(await read_body(request, service.limits.max_body_bytes))
@@ -575,7 +593,10 @@ def create_app(model: OnnxGPT, model_id: str, limits: Limits | None = None) -> S
         }
 
     async def health(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "model": service.model_id, **service.engine.load()})
+        stopped = getattr(service.engine, "stopped", None)
+        status = {"status": "error", "error": stopped} if stopped else {"status": "ok"}
+        body = {**status, "model": service.model_id, **service.engine.load()}
+        return JSONResponse(body, status_code=503 if stopped else 200)
 
     async def api_error(request: Request, err: Exception) -> Response:
         assert isinstance(err, ApiError)
@@ -691,16 +712,6 @@ def make_server(
     return uvicorn.Server(config)
 
 
-# The engine thread releases the GIL while onnxruntime runs a step and needs it back to
-# hand the tokens on; the event loop holds it while it writes SSE events. Python makes a
-# thread that wants the GIL wait up to its switch interval (5 ms by default) before it
-# asks the holder to let go -- longer than a whole decode step of a small model. Measured
-# with the servers on 2 cores and the load generator on 14 others (a 16-core x86 machine,
-# `scripts/bench_serve.py --clients 1,16 --rounds 3`, 2 runs each): 16 clients vs one
-# 3.51x / 3.79x at 5 ms, 4.19x / 4.04x at 0.1 ms (6,390 vs 4,970 tokens/s in the first).
-GIL_SWITCH_INTERVAL_S = 1e-4
-
-
 def serve(
     folder: str | Path,
     host: str = "127.0.0.1",
@@ -715,12 +726,19 @@ def serve(
 
     On SIGTERM uvicorn stops accepting connections, lets in-flight requests finish for up
     to ``shutdown_timeout`` seconds, cancels the rest (their batch slots are freed) and
-    stops the engine. While it serves, the process's GIL switch interval is
-    :data:`GIL_SWITCH_INTERVAL_S` (restored on return).
+    stops the engine.
+
+    Decoding runs in a child process (:class:`ProcessEngine`) on POSIX systems, where the
+    event loop can watch its pipe; elsewhere (Windows) in a thread of this process.
     """
     limits = limits or Limits()
     model = OnnxGPT.load(folder, threads=threads)
-    app = create_app(model, model_id or Path(folder).resolve().name, limits)
+    engine = (
+        ProcessEngine(model, folder, limits.max_batch, limits.max_queue, threads)
+        if os.name == "posix"
+        else None
+    )
+    app = create_app(model, model_id or Path(folder).resolve().name, limits, engine)
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
     server = make_server(app, limits, shutdown_timeout, log_level)
@@ -732,12 +750,9 @@ def serve(
     # uvicorn re-raises the SIGTERM it handled once it has shut down; a handler of our own
     # takes it, so a requested shutdown exits with status 0 rather than dying by signal.
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     try:
         server.run(sockets=[sock])
     finally:
-        sys.setswitchinterval(interval)
         signal.signal(signal.SIGTERM, previous)
         sock.close()
     return 0

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 from openai import OpenAI
-from test_server_support import bpe_export, char_export, running_server
+from test_server_support import ENGINES, bpe_export, char_export, running_server
 
 from mlxgpt.sampling import SamplingParams
 from mlxgpt_export.cli import main as ort_main
@@ -29,9 +29,9 @@ def model(folder: Path) -> OnnxGPT:
     return OnnxGPT.load(folder)
 
 
-@pytest.fixture(scope="module")
-def url(model: OnnxGPT):
-    with running_server(model) as base:
+@pytest.fixture(scope="module", params=ENGINES)
+def url(model: OnnxGPT, request):
+    with running_server(model, engine=request.param) as base:
         yield base
 
 
@@ -206,7 +206,8 @@ def test_end_of_text_token_finishes_with_stop(tmp_path: Path, monkeypatch):
     stop = free[10]
     monkeypatch.setattr(OnnxGPT, "eos_id", property(lambda self: stop))  # a token it will draw
     expected = alone(model, prompt, 40, params)
-    with running_server(model, model_id="bpe") as base:
+    # the patched property exists in this process only: decode in a thread of it
+    with running_server(model, model_id="bpe", engine="thread") as base:
         client = OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
         result = client.completions.create(
             model="bpe", prompt=prompt, max_tokens=40, temperature=1.0, seed=3

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 import pytest
 from test_server_support import char_export
 
@@ -66,14 +67,21 @@ class ServerProcess:
                 assert time.monotonic() < deadline
                 time.sleep(0.05)
 
+        # its engine process (and multiprocessing's resource tracker): gone when it is
+        self.children = psutil.Process(self.proc.pid).children(recursive=True)
+        assert any("spawn_main" in " ".join(c.cmdline()) for c in self.children)
+
     def stop(self, timeout: float = 60) -> tuple[int, str, str]:
         self.proc.send_signal(signal.SIGTERM)
         return self.wait(timeout)
 
     def wait(self, timeout: float = 60) -> tuple[int, str, str]:
         """Exit status and output of a server already told to stop (a second SIGTERM
-        arriving after the graceful shutdown would kill it by signal)."""
+        arriving after the graceful shutdown would kill it by signal); its child processes
+        must have ended with it."""
         out, err = self.proc.communicate(timeout=timeout)
+        _, alive = psutil.wait_procs(self.children, timeout=10)
+        assert not alive, f"left running: {alive}"
         return self.proc.returncode, out, err
 
 
@@ -143,24 +151,6 @@ def test_serve_reports_a_port_in_use(folder: Path):
         assert server.stop()[0] == 0
 
 
-def test_serving_shortens_the_gil_switch_interval_and_restores_it(folder: Path, monkeypatch):
-    """The engine thread must not wait Python's default 5 ms for the GIL after each step
-    while the event loop writes events; the caller's interval comes back afterwards."""
-    from mlxgpt_export import server as server_module
-
-    seen: list[float] = []
-
-    class Recorder:
-        def run(self, sockets) -> None:
-            seen.append(sys.getswitchinterval())
-
-    monkeypatch.setattr(server_module, "make_server", lambda *args, **kwargs: Recorder())
-    before = sys.getswitchinterval()
-    assert server_module.serve(folder, port=0) == 0
-    assert seen == [pytest.approx(server_module.GIL_SWITCH_INTERVAL_S)] and seen[0] < before
-    assert sys.getswitchinterval() == before
-
-
 def test_the_server_runs_on_uvloop_and_httptools(folder: Path):
     """uvicorn picks its fast event loop and HTTP parser only if they are installed; they
     are dependencies because each token's SSE event costs the event loop less with them."""
@@ -177,3 +167,13 @@ def test_the_server_runs_on_uvloop_and_httptools(folder: Path):
             assert type(loop).__module__.split(".")[0] == "uvloop"
         finally:
             loop.close()
+
+
+def test_the_engine_process_ends_with_a_killed_server(folder: Path):
+    """SIGKILL gives the server no chance to stop its engine: the engine sees its pipe
+    close and exits by itself."""
+    server = ServerProcess(folder)
+    server.proc.kill()
+    server.proc.communicate(timeout=30)
+    _, alive = psutil.wait_procs(server.children, timeout=20)
+    assert not alive, f"left running: {alive}"

@@ -10,12 +10,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from safetensors.numpy import save_file
+from starlette.applications import Starlette
 from test_export_support import random_weights, write_random_checkpoint
 
 from mlxgpt.checkpoint import write_atomic_dir, write_json
 from mlxgpt.config import GPTConfig
 from mlxgpt.tokenizer import Tokenizer
 from mlxgpt_export.batching import Limits
+from mlxgpt_export.engine_process import ProcessEngine
 from mlxgpt_export.exporter import export_checkpoint
 from mlxgpt_export.runtime import OnnxGPT
 from mlxgpt_export.server import create_app, listen, make_server
@@ -46,13 +48,38 @@ def bpe_export(directory: Path) -> Path:
     return export_checkpoint(ckpt, directory, quiet=True, verify=False)
 
 
+ENGINES = ("process", "thread")  # where decoding runs: serve's child process, or a thread
+
+
+def make_engine(model: OnnxGPT, limits: Limits, engine: str) -> ProcessEngine | None:
+    """``mlxgpt-ort serve``'s engine for ``model`` (``"process"``), or ``None``: the app's
+    default, a thread of this process (``"thread"``, serve's fallback off POSIX)."""
+    if engine == "thread":
+        return None
+    assert model.model_path is not None  # loaded from a folder
+    folder = model.model_path.parent
+    if folder.name == "onnx":
+        folder = folder.parent
+    return ProcessEngine(model, folder, limits.max_batch, limits.max_queue)
+
+
 @contextlib.contextmanager
 def running_server(
-    model: OnnxGPT, limits: Limits | None = None, model_id: str = "tiny"
+    model: OnnxGPT, limits: Limits | None = None, model_id: str = "tiny", engine: str = "process"
 ) -> Iterator[str]:
-    """Serve ``model`` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
+    """Serve ``model`` on 127.0.0.1 (a free port) in a thread; yields the base URL.
+
+    ``engine``: see :data:`ENGINES`.
+    """
     limits = limits or Limits()
-    app = create_app(model, model_id, limits)
+    app = create_app(model, model_id, limits, make_engine(model, limits, engine))
+    with serving(app, limits) as url:
+        yield url
+
+
+@contextlib.contextmanager
+def serving(app: Starlette, limits: Limits) -> Iterator[str]:
+    """Run ``app`` on 127.0.0.1 (a free port) in a thread; yields the base URL."""
     sock = listen("127.0.0.1", 0)
     server = make_server(app, limits, shutdown_timeout=5, log_level="warning")
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)

@@ -1,0 +1,53 @@
+"""The engine in a child process (``mlxgpt-ort serve``'s): what happens when it fails."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from test_server_support import char_export, make_engine, serving
+
+from mlxgpt_export.batching import Limits
+from mlxgpt_export.engine_process import EngineStopped, ProcessEngine
+from mlxgpt_export.runtime import OnnxGPT
+from mlxgpt_export.server import create_app
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> OnnxGPT:
+    return OnnxGPT.load(char_export(tmp_path_factory.mktemp("process") / "tiny"))
+
+
+def test_a_dead_engine_process_ends_requests_with_an_error_and_says_so(model: OnnxGPT):
+    limits = Limits(max_tokens=100_000)
+    engine = make_engine(model, limits, "process")
+    app = create_app(model, "tiny", limits, engine)
+    body = {"prompt": "ab", "max_tokens": 100_000, "temperature": 1.0, "seed": 1, "stream": True}
+    with serving(app, limits) as url, httpx.Client(base_url=url, timeout=30) as client:
+        assert client.get("/health").json()["status"] == "ok"
+        with client.stream("POST", "/v1/completions", json=body) as response:
+            lines = (line for line in response.iter_lines() if line)
+            assert "choices" in json.loads(next(lines)[6:])  # streaming
+            engine._process.kill()  # as the out-of-memory killer would
+            rest = list(lines)
+        event = json.loads(rest[-1][6:])  # the stream ends with an error, not [DONE]
+        assert event["error"]["type"] == "server_error"
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json()["status"] == "error"
+        assert "restart the server" in health.json()["error"]
+        refused = client.post("/v1/completions", json={"prompt": "a", "max_tokens": 1})
+        assert refused.status_code == 503 and "retry-after" not in refused.headers
+        assert refused.json()["error"]["code"] == "engine_stopped"
+
+
+def test_an_engine_process_that_cannot_load_the_model_is_reported(model: OnnxGPT, tmp_path: Path):
+    engine = ProcessEngine(model, tmp_path / "gone", max_batch=2, max_queue=0)
+
+    async def start() -> None:
+        engine.start()
+
+    with pytest.raises(EngineStopped, match="could not load the model: .*gone"):
+        asyncio.run(start())
