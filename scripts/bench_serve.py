@@ -14,8 +14,9 @@ errors (non-200 or a broken connection) and lost requests (a stream without
 ``data: [DONE]``). Then the ratios the README quotes and whether the targets hold:
 16 clients >= 4x the tokens/s of one, p99 TTFT < 1 s at 16 clients, no error, no loss.
 Every request has a fixed token budget and the run stops by itself; only 127.0.0.1 is
-contacted. The load generator runs on the same CPUs as the servers, unless
-``--server-cpus 0,1`` pins the servers to those CPUs and the load generator to the others
+contacted. The load generator (aiohttp, whose C parser costs about half of httpx's CPU
+per streamed token) runs on the same CPUs as the servers, unless ``--server-cpus 0,1``
+pins the servers to those CPUs and the load generator to the others
 (Linux; as if the clients ran on other machines)::
 
     python scripts/bench_serve.py --clients 1,16 --server-cpus 0,1 --server-flags --threads 1
@@ -254,8 +255,15 @@ def print_table(rows: dict, args: argparse.Namespace) -> None:
     print("| clients | server | " + " | ".join(columns) + " |")
     print("|---|---|" + "---|" * len(columns))
     for (name, n), row in sorted(rows.items(), key=lambda item: (item[0][1], item[0][0])):
-        cells = [f"{row[c]:.0f}" if c in ("errors", "lost") else f"{row[c]:,.3g}" for c in columns]
+        cells = [cell(c, row[c]) for c in columns]
         print(f"| {n} | {name} | " + " | ".join(cells) + " |")
+
+
+def cell(column: str, value: float) -> str:
+    """Counts as integers, rates of 1,000 or more to the unit (10,200, not 1.02e+04)."""
+    if column in ("errors", "lost") or value >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:,.3g}"
 
 
 def report(rows: dict, clients: list[int], names: list[str], codes: list[int]) -> int:
