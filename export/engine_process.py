@@ -26,8 +26,9 @@ no round trip, and the child (whose jobs are a subset) is never over its own bou
 If the child dies (killed, out of memory), every unfinished job ends with ``"error"``,
 later submissions are refused and ``load()`` says so (``/health`` answers 503). The child
 exits when the parent's end of the pipe closes, so it never outlives the server; it
-ignores SIGINT (a Ctrl-C in a terminal reaches the whole process group): the parent stops
-it after finishing its requests.
+ignores SIGINT and SIGTERM (a Ctrl-C in a terminal reaches the whole process group, and a
+service manager may signal every process of the service): the parent stops it after
+finishing its requests.
 """
 
 from __future__ import annotations
@@ -72,7 +73,11 @@ class _Outbox:
 
 def _child_main(folder: str, threads: int | None, max_batch: int, conn: Connection) -> None:
     """The child: load the folder, then step the engine and report, until told to stop."""
+    # Ctrl-C (SIGINT) reaches a terminal's whole process group, and a service manager may
+    # send SIGTERM to every process of the service: the server must first finish its
+    # requests, so the child leaves both to the parent, which stops it afterwards.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         # The parent bounds the work (it counts a cancelled job out at once, the engine at
         # its next step), so the child's queue is not bounded a second time.

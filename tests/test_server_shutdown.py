@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -54,6 +55,7 @@ class ServerProcess:
             [sys.executable, "-c", textwrap.dedent(LAUNCHER), "serve", str(folder), "--port", "0",
              "--log-level", "warning", *flags],
             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,  # its own process group, for signals to the whole group
         )  # fmt: skip
         line = self.proc.stdout.readline()
         assert line.startswith("serving "), line + self.proc.stderr.read()
@@ -97,7 +99,10 @@ def stream_lines(url: str, body: dict, lines: list[str], started: threading.Even
     started.set()
 
 
-def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(folder: Path):
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-server", "to-process-group"])
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(folder: Path, to_group: bool):
+    """Also when every process of the server gets the signal (a service manager stopping
+    the service, Ctrl-C in a terminal): the engine process keeps decoding until told."""
     server = ServerProcess(folder, "--max-tokens-cap", "20000", "--shutdown-timeout", "60")
     body = {"prompt": "ab", "max_tokens": 1000, "temperature": 1.0, "seed": 2, "stream": True}
     lines: list[str] = []
@@ -106,7 +111,10 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(folder: Path):
     client.start()
     assert started.wait(30)
     assert httpx.get(f"{server.url}/health").json()["running"] == 1  # in flight
-    server.proc.send_signal(signal.SIGTERM)
+    if to_group:
+        os.killpg(server.proc.pid, signal.SIGTERM)
+    else:
+        server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # no longer accepting connections
         httpx.get(f"{server.url}/health", timeout=5)
