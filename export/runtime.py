@@ -514,6 +514,17 @@ class OnnxGPT:
         """A step that runs the whole sequence again every time (no cache; for testing)."""
         return sampling.recompute_step(lambda ids: self.forward([ids])[0][0, -1])
 
+    def release_session(self) -> None:
+        """Free the onnxruntime session and the weights it holds; the config, tokenizer and
+        settings stay. For a process that only prepares requests while another one runs the
+        model (``mlxgpt-ort serve`` and its engine process): running the graph afterwards
+        raises :class:`InputError`."""
+
+        def released(outputs: list[str], feeds: dict) -> list:
+            raise InputError("this model's onnxruntime session was released: load it again")
+
+        self.session, self._run = None, released
+
     def default_settings(self) -> tuple[SamplingParams, int]:
         """Sampling settings and token budget of the folder's ``generation_config.json``.
 

@@ -733,11 +733,10 @@ def serve(
     """
     limits = limits or Limits()
     model = OnnxGPT.load(folder, threads=threads)
-    engine = (
-        ProcessEngine(model, folder, limits.max_batch, limits.max_queue, threads)
-        if os.name == "posix"
-        else None
-    )
+    engine = None
+    if os.name == "posix":
+        engine = ProcessEngine(model, folder, limits.max_batch, limits.max_queue, threads)
+        model.release_session()  # checked; the engine process loads its own copy
     app = create_app(model, model_id or Path(folder).resolve().name, limits, engine)
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]

@@ -12,6 +12,7 @@ from test_server_support import char_export, make_engine, serving
 
 from mlxgpt_export.batching import Limits
 from mlxgpt_export.engine_process import EngineStopped, ProcessEngine
+from mlxgpt_export.errors import InputError
 from mlxgpt_export.runtime import OnnxGPT
 from mlxgpt_export.server import create_app
 
@@ -51,3 +52,31 @@ def test_an_engine_process_that_cannot_load_the_model_is_reported(model: OnnxGPT
 
     with pytest.raises(EngineStopped, match="could not load the model: .*gone"):
         asyncio.run(start())
+
+
+def test_the_serving_process_frees_its_session_and_keeps_what_requests_need(
+    model: OnnxGPT, monkeypatch
+):
+    """``serve`` checks the folder in its own process, then leaves the weights to the
+    engine process: in memory once."""
+    from mlxgpt_export import server as server_module
+
+    folder = make_engine(model, Limits(), "process").folder
+    seen = {}
+
+    class Recorder:  # instead of uvicorn: look at the app serve() built, serve nothing
+        def __init__(self, app, *args, **kwargs):
+            seen["service"] = app.state.service
+
+        def run(self, sockets) -> None:
+            pass
+
+    monkeypatch.setattr(server_module, "make_server", Recorder)
+    assert server_module.serve(folder, port=0) == 0
+    service = seen["service"]
+    assert isinstance(service.engine, ProcessEngine)
+    assert service.model.session is None and service.model.config == model.config
+    assert service.tokenizer.encode("ab") == model.tokenizer.encode("ab")
+    assert service.model.default_settings() == model.default_settings()
+    with pytest.raises(InputError, match="released"):
+        service.model.forward([[1, 2]])
