@@ -51,6 +51,7 @@ from mlxgpt_export.runtime import OnnxGPT, check_token_ids
 log = logging.getLogger("mlxgpt_export.engine_process")
 
 START_TIMEOUT_S = 120.0  # loading a large export folder in the child
+MESSAGES_PER_WAKEUP = 8  # the child's messages (one per step) read per event-loop turn
 
 
 class EngineStopped(EngineFull):
@@ -242,7 +243,11 @@ class ProcessEngine:
     def _receive(self) -> None:
         """Hand the child's output to the jobs' sinks (called by the event loop)."""
         try:
-            while self._conn is not None and self._conn.poll():
+            # a few steps' messages per call: the loop must also get to writing the events
+            # (the pipe stays readable, so the rest comes at its next turn)
+            for _ in range(MESSAGES_PER_WAKEUP):
+                if self._conn is None or not self._conn.poll():
+                    break
                 _, outputs, self._load = self._conn.recv()
                 for job_id, item in outputs:
                     job = self._jobs.get(job_id)
