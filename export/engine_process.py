@@ -118,8 +118,9 @@ def _child_main(folder: str, threads: int | None, max_batch: int, conn: Connecti
 class ProcessEngine:
     """:class:`Engine`'s interface, decoding in a child process (see the module docstring).
 
-    ``model`` is the parent's own copy of the folder (for checks of prompt ids); the child
-    loads ``model.model_path``'s folder itself with ``threads`` intra-op threads.
+    ``model`` is the parent's copy of the export ``folder`` (its config checks prompt ids;
+    its session is not used); the child loads ``folder`` itself, with ``threads`` intra-op
+    threads.
     """
 
     def __init__(
