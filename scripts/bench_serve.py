@@ -38,7 +38,13 @@ import time
 import urllib.request
 from pathlib import Path
 
-import aiohttp
+try:
+    import aiohttp
+except ImportError:  # an optional benchmark dependency
+    raise SystemExit(
+        "error: scripts/bench_serve.py needs aiohttp (its load generator): "
+        'pip install -e ".[bench]"'
+    ) from None
 
 from mlxgpt.config import load_train_config
 from mlxgpt_export.exporter import export_checkpoint
