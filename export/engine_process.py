@@ -147,8 +147,12 @@ class ProcessEngine:
         self.stopped: str | None = None  # why nothing can be generated any more
 
     # -- lifecycle ----------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start the child and wait until it has loaded the model (call in the event loop)."""
+    def launch(self) -> None:
+        """Start the child and wait until it has loaded the model (blocking, in any thread;
+        ``serve`` calls it before the event loop runs, so a failure is an error line, not
+        a failed application startup). Raises :class:`EngineStopped` if it cannot."""
+        if self._conn is not None:
+            return
         context = multiprocessing.get_context("spawn")  # no fork of a threaded process
         conn, child_conn = context.Pipe()
         args = (self.folder, self.threads, self.max_batch, child_conn)
@@ -164,13 +168,18 @@ class ProcessEngine:
             process.join()
             raise EngineStopped(f"the engine process could not load the model: {message}")
         self._conn, self._process = conn, process
+
+    def start(self) -> None:
+        """:meth:`launch` if not done yet, then hand the child's output to the running event
+        loop (call in it: the app's startup)."""
+        self.launch()
         self._loop = asyncio.get_running_loop()
-        self._loop.add_reader(conn.fileno(), self._receive)
+        self._loop.add_reader(self._conn.fileno(), self._receive)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Stop the child; jobs still unfinished end with ``"error"``."""
+        """Stop the child (if it runs); jobs still unfinished end with ``"error"``."""
         if self._conn is not None:
-            if self._loop is not None:
+            if self._loop is not None and not self._loop.is_closed():
                 self._loop.remove_reader(self._conn.fileno())
             try:
                 self._conn.send(("stop", None))

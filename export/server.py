@@ -739,6 +739,12 @@ def serve(
         model.release_session()  # checked; the engine process loads its own copy
     app = create_app(model, model_id or Path(folder).resolve().name, limits, engine)
     sock = listen(host, port)
+    try:
+        if isinstance(engine, ProcessEngine):
+            engine.launch()
+    except EngineStopped as err:
+        sock.close()
+        raise ServeError(str(err)) from None
     bound_host, bound_port = sock.getsockname()[:2]
     server = make_server(app, limits, shutdown_timeout, log_level)
     print(
@@ -754,4 +760,6 @@ def serve(
     finally:
         signal.signal(signal.SIGTERM, previous)
         sock.close()
+        if engine is not None:
+            engine.stop()  # already stopped by the app's shutdown, unless it never started
     return 0

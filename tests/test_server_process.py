@@ -80,3 +80,21 @@ def test_the_serving_process_frees_its_session_and_keeps_what_requests_need(
     assert service.model.default_settings() == model.default_settings()
     with pytest.raises(InputError, match="released"):
         service.model.forward([[1, 2]])
+
+
+def test_serve_says_so_in_one_line_when_the_engine_process_cannot_start(
+    model: OnnxGPT, monkeypatch, capsys
+):
+    """The engine process starts before the server listens for requests: a failure there is
+    an ``error:`` line and exit status 2, not a failed application startup."""
+    from mlxgpt_export.cli import main
+
+    def fail(self) -> None:
+        raise EngineStopped("the engine process could not load the model: out of memory")
+
+    monkeypatch.setattr(ProcessEngine, "launch", fail)
+    folder = make_engine(model, Limits(), "process").folder
+    assert main(["serve", folder, "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the engine process could not load the model: out of memory")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
