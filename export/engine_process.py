@@ -5,7 +5,7 @@ A server that runs the engine in a thread shares one GIL between two busy loops:
 per token per client). Each must wait for the other's time slice: measured with 16
 streaming clients on 2 cores, an engine step took 1.8 ms in the server against 1.2 ms alone.
 :class:`ProcessEngine` has the thread engine's interface (``submit``, ``cancel``, ``load``,
-``start``, ``stop``) and runs the same :class:`Engine` in a child process, so the two loops
+``start``, ``stop``; plus ``launch``, to start the child before the event loop) and runs the same :class:`Engine` in a child process, so the two loops
 run in parallel. Decoding is unchanged: the child loads the same export folder and steps
 the same engine, so every job gets the tokens it gets alone.
 
@@ -20,11 +20,13 @@ Protocol, over one :func:`multiprocessing.Pipe` (pickled tuples):
 The parent reads in its event loop (``add_reader`` on the pipe: no thread of its own) and
 calls each job's :class:`~mlxgpt_export.batching.Sink` there, in the order the child
 produced. It keeps the bound on work itself: it knows every job it submitted and which
-finished, so ``submit`` raises :class:`~mlxgpt_export.batching.EngineFull` at once, with
-no round trip, and the child (whose jobs are a subset) is never over its own bound.
+finished or was cancelled, so ``submit`` raises :class:`~mlxgpt_export.batching.EngineFull`
+at once, with no round trip; the child's queue is not bounded a second time (a cancelled
+job counts out in the parent at once, in the child's engine only at its next step).
 
 If the child dies (killed, out of memory), every unfinished job ends with ``"error"``,
-later submissions are refused and ``load()`` says so (``/health`` answers 503). The child
+later submissions raise :class:`EngineStopped` and :attr:`ProcessEngine.stopped` says why
+(``/health`` answers 503). The child
 exits when the parent's end of the pipe closes, so it never outlives the server; it
 ignores SIGINT and SIGTERM (a Ctrl-C in a terminal reaches the whole process group, and a
 service manager may signal every process of the service): the parent stops it after
