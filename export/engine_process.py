@@ -5,9 +5,10 @@ A server that runs the engine in a thread shares one GIL between two busy loops:
 per token per client). Each must wait for the other's time slice: measured with 16
 streaming clients on 2 cores, an engine step took 1.8 ms in the server against 1.2 ms alone.
 :class:`ProcessEngine` has the thread engine's interface (``submit``, ``cancel``, ``load``,
-``start``, ``stop``; plus ``launch``, to start the child before the event loop) and runs the same :class:`Engine` in a child process, so the two loops
-run in parallel. Decoding is unchanged: the child loads the same export folder and steps
-the same engine, so every job gets the tokens it gets alone.
+``start``, ``stop``; plus ``launch``, to start the child before the event loop) and runs
+the same :class:`Engine` in a child process, so the two loops run in parallel. Decoding is
+unchanged: the child loads the same export folder and steps the same engine, so every job
+gets the tokens it gets alone.
 
 Protocol, over one :func:`multiprocessing.Pipe` (pickled tuples):
 
