@@ -194,6 +194,30 @@ def gather(parts: Sequence[tuple[Batch, list[int]]]) -> Batch:
     return Batch(jobs, past, mask, logits)
 
 
+def check_capacity(max_batch: int, max_queue: int) -> None:
+    if max_batch < 1 or max_queue < 0:
+        raise ValueError(f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}")
+
+
+def check_jobs(jobs: Sequence[Job], vocab_size: int) -> None:
+    """Raise ``ValueError`` for a job that cannot run (checked before any is queued)."""
+    for job in jobs:
+        if not job.context:
+            raise ValueError("a job needs at least one prompt token")
+        check_token_ids(job.context, vocab_size)
+        if job.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {job.max_tokens}")
+
+
+def check_room(live: int, new: int, room: int) -> None:
+    """Raise :class:`EngineFull` unless ``new`` more jobs fit beside ``live`` in ``room``."""
+    if live + new > room:
+        raise EngineFull(
+            f"the server is busy ({live} generations running or queued, room for {room}): "
+            "retry later"
+        )
+
+
 class Engine:
     """Continuous batching over one :class:`OnnxGPT` (see the module docstring)."""
 
@@ -203,10 +227,7 @@ class Engine:
         max_batch: int = Limits.max_batch,
         max_queue: int = Limits.max_queue,
     ):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(
-                f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}"
-            )
+        check_capacity(max_batch, max_queue)
         self.model = model
         self.block = model.config.block_size
         self.stop_id = model.eos_id
@@ -226,20 +247,11 @@ class Engine:
     # -- any thread ---------------------------------------------------------------------------
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue ``jobs`` (all or none). Raises :class:`EngineFull` when there is no room."""
-        for job in jobs:
-            if not job.context:
-                raise ValueError("a job needs at least one prompt token")
-            check_token_ids(job.context, self.model.config.vocab_size)
-            if job.max_tokens < 0:
-                raise ValueError(f"max_tokens must be >= 0, got {job.max_tokens}")
+        check_jobs(jobs, self.model.config.vocab_size)
         with self._cond:
             if self._stopping:
                 raise EngineFull("the server is shutting down")
-            if self._live + len(jobs) > self.max_batch + self.max_queue:
-                raise EngineFull(
-                    f"the server is busy ({self._live} generations running or queued, room "
-                    f"for {self.max_batch + self.max_queue}): retry later"
-                )
+            check_room(self._live, len(jobs), self.max_batch + self.max_queue)
             now_done = [job for job in jobs if job.max_tokens == 0]
             self._waiting.extend(job for job in jobs if job.max_tokens > 0)
             self._live += len(jobs) - len(now_done)

@@ -48,8 +48,15 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from mlxgpt_export.batching import Engine, EngineFull, Job
-from mlxgpt_export.runtime import OnnxGPT, check_token_ids
+from mlxgpt_export.batching import (
+    Engine,
+    EngineFull,
+    Job,
+    check_capacity,
+    check_jobs,
+    check_room,
+)
+from mlxgpt_export.runtime import OnnxGPT
 
 log = logging.getLogger("mlxgpt_export.engine_process")
 
@@ -134,10 +141,7 @@ class ProcessEngine:
         max_queue: int,
         threads: int | None = None,
     ):
-        if max_batch < 1 or max_queue < 0:
-            raise ValueError(
-                f"need max_batch >= 1 and max_queue >= 0, got {max_batch}, {max_queue}"
-            )
+        check_capacity(max_batch, max_queue)
         self.model, self.folder, self.threads = model, str(folder), threads
         self.max_batch, self.max_queue = max_batch, max_queue
         self._jobs: dict[int, Job] = {}  # submitted, not finished (the event loop's thread)
@@ -200,19 +204,10 @@ class ProcessEngine:
     # -- any request (the event loop's thread) ------------------------------------------------
     def submit(self, jobs: Sequence[Job]) -> None:
         """Queue ``jobs`` (all or none). Raises :class:`EngineFull` when there is no room."""
-        for job in jobs:
-            if not job.context:
-                raise ValueError("a job needs at least one prompt token")
-            check_token_ids(job.context, self.model.config.vocab_size)
-            if job.max_tokens < 0:
-                raise ValueError(f"max_tokens must be >= 0, got {job.max_tokens}")
+        check_jobs(jobs, self.model.config.vocab_size)
         if self.stopped is not None or self._conn is None:
             raise EngineStopped(self.stopped or "the engine is not running")
-        if len(self._jobs) + len(jobs) > self.max_batch + self.max_queue:
-            raise EngineFull(
-                f"the server is busy ({len(self._jobs)} generations running or queued, room "
-                f"for {self.max_batch + self.max_queue}): retry later"
-            )
+        check_room(len(self._jobs), len(jobs), self.max_batch + self.max_queue)
         sent = []
         for job in jobs:
             if job.max_tokens == 0:
