@@ -241,6 +241,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.peak_batch = 0  # the most live rows decoded together so far
+        self.stopped: str | None = None  # (a ProcessEngine's child may die; a thread does not)
         # how often joiners took a free slot, and how often the cache was copied instead
         self.stats = {"slot_reuses": 0, "merges": 0, "compactions": 0, "trims": 0}
 

@@ -593,7 +593,7 @@ def create_app(
         }
 
     async def health(request: Request) -> Response:
-        stopped = getattr(service.engine, "stopped", None)
+        stopped = service.engine.stopped
         status = {"status": "error", "error": stopped} if stopped else {"status": "ok"}
         body = {**status, "model": service.model_id, **service.engine.load()}
         return JSONResponse(body, status_code=503 if stopped else 200)
@@ -739,12 +739,12 @@ def serve(
         model.release_session()  # checked; the engine process loads its own copy
     app = create_app(model, model_id or Path(folder).resolve().name, limits, engine)
     sock = listen(host, port)
-    try:
-        if isinstance(engine, ProcessEngine):
+    if engine is not None:
+        try:
             engine.launch()
-    except EngineStopped as err:
-        sock.close()
-        raise ServeError(str(err)) from None
+        except EngineStopped as err:
+            sock.close()
+            raise ServeError(str(err)) from None
     bound_host, bound_port = sock.getsockname()[:2]
     server = make_server(app, limits, shutdown_timeout, log_level)
     print(
