@@ -128,20 +128,25 @@ def _child_main(folder: str, threads: int | None, max_batch: int, conn: Connecti
 class ProcessEngine:
     """:class:`Engine`'s interface, decoding in a child process (see the module docstring).
 
-    ``model`` is the parent's copy of the export ``folder`` (its config checks prompt ids;
-    its session is not used); the child loads ``folder`` itself, with ``threads`` intra-op
-    threads.
+    ``model`` is the parent's copy of the export folder (its config checks prompt ids; its
+    session is not used); the child loads the folder (``folder``, by default the one
+    ``model`` was loaded from) itself, with ``threads`` intra-op threads.
     """
 
     def __init__(
         self,
         model: OnnxGPT,
-        folder: str | Path,
         max_batch: int,
         max_queue: int,
         threads: int | None = None,
+        folder: str | Path | None = None,
     ):
         check_capacity(max_batch, max_queue)
+        folder = folder or model.folder
+        if folder is None:
+            raise ValueError(
+                "the engine process needs the export folder: load the model with OnnxGPT.load"
+            )
         self.model, self.folder, self.threads = model, str(folder), threads
         self.max_batch, self.max_queue = max_batch, max_queue
         self._jobs: dict[int, Job] = {}  # submitted, not finished (the event loop's thread)

@@ -406,6 +406,7 @@ class OnnxGPT:
         self.tokenizer = tokenizer
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
+        self.folder: Path | None = None  # the export folder load() read, if any
         self._outputs = sig.output_names(config.n_layer)
         self._run = unchecked_run(session)
         # past/present: float32, or float16 in a float16 export (the graph's input type)
@@ -435,7 +436,7 @@ class OnnxGPT:
             raise ExportFolderError(f"{model_path} cannot be loaded: {err}") from None
         check_recorded_config(session, config, folder / CONFIG_FILE, model_path)
         model = cls(session, config, tokenizer, generation)
-        model.model_path = model_path
+        model.model_path, model.folder = model_path, folder
         return model
 
     # -- the forward pass -------------------------------------------------------------------

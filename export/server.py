@@ -735,7 +735,7 @@ def serve(
     model = OnnxGPT.load(folder, threads=threads)
     engine = None
     if os.name == "posix":
-        engine = ProcessEngine(model, folder, limits.max_batch, limits.max_queue, threads)
+        engine = ProcessEngine(model, limits.max_batch, limits.max_queue, threads)
         model.release_session()  # checked; the engine process loads its own copy
     app = create_app(model, model_id or Path(folder).resolve().name, limits, engine)
     sock = listen(host, port)

@@ -45,7 +45,7 @@ def test_a_dead_engine_process_ends_requests_with_an_error_and_says_so(model: On
 
 
 def test_an_engine_process_that_cannot_load_the_model_is_reported(model: OnnxGPT, tmp_path: Path):
-    engine = ProcessEngine(model, tmp_path / "gone", max_batch=2, max_queue=0)
+    engine = ProcessEngine(model, max_batch=2, max_queue=0, folder=tmp_path / "gone")
 
     async def start() -> None:
         engine.start()
@@ -61,7 +61,7 @@ def test_the_serving_process_frees_its_session_and_keeps_what_requests_need(
     engine process: in memory once."""
     from mlxgpt_export import server as server_module
 
-    folder = make_engine(model, Limits(), "process").folder
+    folder = model.folder
     seen = {}
 
     class Recorder:  # instead of uvicorn: look at the app serve() built, serve nothing
@@ -93,8 +93,7 @@ def test_serve_says_so_in_one_line_when_the_engine_process_cannot_start(
         raise EngineStopped("the engine process could not load the model: out of memory")
 
     monkeypatch.setattr(ProcessEngine, "launch", fail)
-    folder = make_engine(model, Limits(), "process").folder
-    assert main(["serve", folder, "--port", "0"]) == 2
+    assert main(["serve", str(model.folder), "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: the engine process could not load the model: out of memory")
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -56,11 +56,7 @@ def make_engine(model: OnnxGPT, limits: Limits, engine: str) -> ProcessEngine | 
     default, a thread of this process (``"thread"``, serve's fallback off POSIX)."""
     if engine == "thread":
         return None
-    assert model.model_path is not None  # loaded from a folder
-    folder = model.model_path.parent
-    if folder.name == "onnx":
-        folder = folder.parent
-    return ProcessEngine(model, folder, limits.max_batch, limits.max_queue)
+    return ProcessEngine(model, limits.max_batch, limits.max_queue)
 
 
 @contextlib.contextmanager
