@@ -99,10 +99,17 @@ def stream_lines(url: str, body: dict, lines: list[str], started: threading.Even
     started.set()
 
 
-@pytest.mark.parametrize("to_group", [False, True], ids=["to-server", "to-process-group"])
-def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(folder: Path, to_group: bool):
+@pytest.mark.parametrize(
+    ("signum", "to_group", "status"),
+    [(signal.SIGTERM, False, 0), (signal.SIGTERM, True, 0), (signal.SIGINT, True, 130)],
+    ids=["sigterm-to-server", "sigterm-to-process-group", "ctrl-c-to-process-group"],
+)
+def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(
+    folder: Path, signum: int, to_group: bool, status: int
+):
     """Also when every process of the server gets the signal (a service manager stopping
-    the service, Ctrl-C in a terminal): the engine process keeps decoding until told."""
+    the service, Ctrl-C in a terminal): the engine process keeps decoding until told.
+    Ctrl-C shuts down the same way and exits with 130."""
     server = ServerProcess(folder, "--max-tokens-cap", "20000", "--shutdown-timeout", "60")
     body = {"prompt": "ab", "max_tokens": 1000, "temperature": 1.0, "seed": 2, "stream": True}
     lines: list[str] = []
@@ -112,15 +119,15 @@ def test_sigterm_lets_the_request_in_flight_finish_and_exits_0(folder: Path, to_
     assert started.wait(30)
     assert httpx.get(f"{server.url}/health").json()["running"] == 1  # in flight
     if to_group:
-        os.killpg(server.proc.pid, signal.SIGTERM)
+        os.killpg(server.proc.pid, signum)
     else:
-        server.proc.send_signal(signal.SIGTERM)
+        server.proc.send_signal(signum)
     time.sleep(0.3)
     with pytest.raises(httpx.TransportError):  # no longer accepting connections
         httpx.get(f"{server.url}/health", timeout=5)
     client.join(60)
     code, out, err = server.wait()
-    assert code == 0, err
+    assert code == status, err
     assert "blocked modules loaded: []" in out
     assert lines[-1] == "data: [DONE]"
     text = "".join(json.loads(line[6:])["choices"][0]["text"] for line in lines[:-1])
