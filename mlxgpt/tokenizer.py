@@ -6,7 +6,9 @@ training, MLX generation and the onnxruntime runtime (this module never imports 
 * ``char``: one token per Unicode character seen in the corpus (a BPE model with no
   merges). Text with a character outside the vocabulary is rejected with a clear error.
 * ``bpe``: byte-level BPE trained on the corpus. Every UTF-8 string round-trips exactly,
-  because any byte has a token. ``<|endoftext|>`` separates documents.
+  because any byte has a token, except the literal ``<|endoftext|>``: it is the special
+  token that separates documents (in a corpus file too), as in every client of the
+  ``tokenizer.json``, and decoding leaves special tokens out.
 
 A ``char`` tokenizer also lists every character as a (non-special) added token. That
 changes no id: the added tokens carry the ids the vocabulary already gives them, and they

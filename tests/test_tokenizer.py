@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxgpt.tokenizer import StreamDecoder, Tokenizer, TokenizerError, stream_text
+from mlxgpt.tokenizer import EOT, StreamDecoder, Tokenizer, TokenizerError, stream_text
 
 TRAIN_TEXT = ["The quick brown fox jumps over the lazy dog. " * 20, "私は学校へ行く 😀🎉 " * 5]
 # multi-byte characters of every UTF-8 length, emoji with modifiers and flags
@@ -39,10 +39,22 @@ def test_bpe_round_trips_any_utf8(bpe, text):
     assert bpe.decode(bpe.encode(text)) == text
 
 
-@settings(max_examples=100, deadline=None)
-@given(st.text())
+# arbitrary text, and text made of the end-of-text token's literal and pieces of it
+SPECIAL_HEAVY = st.lists(st.sampled_from([EOT, "<|end", "oftext|>", "<|", "a", "😀", " "]))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.text() | SPECIAL_HEAVY.map("".join))
 def test_bpe_round_trips_arbitrary_text(bpe, text):
-    assert bpe.decode(bpe.encode(text)) == text
+    """Any text comes back, except the literal ``<|endoftext|>``: it is that token (the
+    document separator, the id every client of the file gives it), which decoding leaves
+    out."""
+    assert bpe.decode(bpe.encode(text)) == text.replace(EOT, "")
+
+
+def test_the_end_of_text_literal_is_the_token(bpe):
+    ids = bpe.encode(f"a{EOT}b")
+    assert bpe.eos_id in ids and ids == bpe.encode("a") + [bpe.eos_id] + bpe.encode("b")
 
 
 def test_bpe_learns_merges_and_has_a_start_token(bpe):
