@@ -49,6 +49,7 @@ from mlxgpt.sampling import (
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportFolderError, InputError
+from mlxgpt_export.in_place import SEQLENS_K, TOTAL_LENGTH, in_place_bytes
 
 # The files of an export folder that this runtime reads (the exporter writes more, for
 # other clients: mlxgpt_export.exporter.EXPORT_ENTRIES).
@@ -376,6 +377,84 @@ class _Decoder:
         return logits[:, -1]
 
 
+class _InPlaceDecoder:
+    """:class:`_Decoder` on the in-place graph (:mod:`mlxgpt_export.in_place`): no step copies
+    the KV cache, inside the graph or out.
+
+    Every layer's keys and values live in two buffers of ``block_size`` positions, allocated
+    once per generation (``np.zeros``: pages the graph never writes are never touched, so a
+    short generation does not pay for the whole window) and bound, through onnxruntime's IO
+    binding, as both the layer's past and its present: the graph writes each new position
+    where it belongs and reads the row's first ``length`` positions. A row's tokens sit at
+    positions ``[0, length)``, so :meth:`start` turns the loops' left padding into right
+    padding (each row's tokens moved to the front; what lies beyond a row's length is never
+    read, and its next token overwrites it); its logits are then each row's at its own last
+    token. The window never overflows: the loops slide it by calling :meth:`start` again.
+    """
+
+    def __init__(self, model: OnnxGPT, batch: int, session: ort.InferenceSession):
+        config = model.config
+        self._binding = session.io_binding()
+        inner = getattr(session, "_sess", None)  # without the Python wrapper's checks
+        if inner is not None and callable(getattr(inner, "run_with_iobinding", None)):
+            self._run = lambda: inner.run_with_iobinding(self._binding._iobinding, None)
+        else:
+            self._run = lambda: session.run_with_iobinding(self._binding)
+        shape = (batch, config.n_head, config.block_size, config.head_size)
+        self._buffers = []  # bound by address: they must live as long as the binding
+        for i in range(config.n_layer):
+            for past, present in zip(sig.past_names(i), sig.present_names(i), strict=True):
+                buffer = np.zeros(shape, model.past_dtype)
+                self._binding.bind_cpu_input(past, buffer)
+                self._binding.bind_output(
+                    present, "cpu", 0, buffer.dtype, buffer.shape, buffer.ctypes.data
+                )
+                self._buffers.append(buffer)
+        self._vocab = config.vocab_size
+        self._logits: dict[tuple[int, int], np.ndarray] = {}  # one buffer per (batch, new)
+        self._lengths = np.zeros(batch, np.int64)  # tokens of each row in the cache
+        self.length = 0  # the longest row's
+
+    def start(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """Forget the cache and run left-padded ``ids`` ``(batch, n)``: last-position logits."""
+        lengths = mask.sum(axis=1).astype(np.int64)
+        width = ids.shape[1]
+        shifted = (np.arange(width)[None] + (width - lengths)[:, None]) % width
+        ids = np.take_along_axis(ids, shifted, axis=1)  # each row's tokens first
+        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
+        logits = self._forward(ids, np.ascontiguousarray(positions), lengths)
+        return logits[np.arange(len(lengths)), lengths - 1]
+
+    def extend(self, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` ``(batch, n)`` after the cache (every row real): last-position logits.
+
+        The operator takes several new tokens after a past only at batch 1; a batch runs
+        them one at a time (the loops only ever extend a batch by one token).
+        """
+        batch, new = ids.shape
+        if batch > 1 and new > 1:
+            for column in range(new - 1):
+                self.extend(ids[:, column : column + 1])
+            ids, new = ids[:, -1:], 1
+        positions = self._lengths[:, None] + np.arange(new)
+        return self._forward(ids, positions, self._lengths + new)[:, -1].copy()
+
+    def _forward(self, ids: np.ndarray, positions: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        binding, longest = self._binding, int(lengths.max())
+        binding.bind_cpu_input(sig.INPUT_IDS, np.ascontiguousarray(ids, dtype=np.int64))
+        binding.bind_cpu_input(sig.POSITION_IDS, positions)
+        binding.bind_cpu_input(SEQLENS_K, (lengths - 1).astype(np.int32))
+        binding.bind_cpu_input(TOTAL_LENGTH, np.array(longest, np.int32))
+        logits = self._logits.get(ids.shape)
+        if logits is None:
+            logits = np.empty((*ids.shape, self._vocab), np.float32)
+            self._logits[ids.shape] = logits
+        binding.bind_output(sig.LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
+        self._run()
+        self._lengths, self.length = lengths, longest
+        return logits
+
+
 def next_tokens(
     logits: np.ndarray, params: SamplingParams, rngs: Sequence[np.random.Generator]
 ) -> list[int]:
@@ -407,6 +486,12 @@ class OnnxGPT:
         self.generation = generation or {}
         self.model_path: Path | None = None  # the file load() read, if any
         self.folder: Path | None = None  # the export folder load() read, if any
+        # Generation decodes on the in-place graph of model_path (mlxgpt_export.in_place),
+        # made on first use; False: decode on the exported graph, as forward() runs it.
+        self.in_place = True
+        self.threads: int | None = None
+        self._in_place_session: ort.InferenceSession | None = None
+        self._in_place_tried = False
         self._outputs = sig.output_names(config.n_layer)
         self._run = unchecked_run(session)
         # past/present: float32, or float16 in a float16 export (the graph's input type)
@@ -436,8 +521,33 @@ class OnnxGPT:
             raise ExportFolderError(f"{model_path} cannot be loaded: {err}") from None
         check_recorded_config(session, config, folder / CONFIG_FILE, model_path)
         model = cls(session, config, tokenizer, generation)
-        model.model_path, model.folder = model_path, folder
+        model.model_path, model.folder, model.threads = model_path, folder, threads
         return model
+
+    def in_place_session(self) -> ort.InferenceSession | None:
+        """The session of the in-place graph that generation decodes on, made on first use;
+        ``None`` where there is none (:attr:`in_place` off, a model not loaded from a file,
+        or :func:`~mlxgpt_export.in_place.in_place_bytes` could not rewrite the file, e.g.
+        without the ``onnx`` package): generation then decodes on the exported graph.
+
+        It holds a second copy of the weights beside :attr:`session` (which
+        :meth:`forward` and the server's batching engine run).
+        """
+        if not self.in_place or self.model_path is None:
+            return None
+        if not self._in_place_tried:
+            self._in_place_tried = True
+            graph = in_place_bytes(self.model_path, self.config)
+            try:
+                self._in_place_session = make_session(graph, self.threads) if graph else None
+            except Exception:  # an onnxruntime without the contrib operator: keep the export
+                self._in_place_session = None
+        return self._in_place_session
+
+    def _decoder(self, batch: int) -> _Decoder | _InPlaceDecoder:
+        """The generation loops' decoder: in place where :meth:`in_place_session` exists."""
+        session = self.in_place_session()
+        return _Decoder(self, batch) if session is None else _InPlaceDecoder(self, batch, session)
 
     # -- the forward pass -------------------------------------------------------------------
     def empty_past(self, batch: int) -> Past:
@@ -499,8 +609,8 @@ class OnnxGPT:
         return checked
 
     def _cached_step(self) -> StepFn:
-        """:meth:`cached_step` for checked ids: the KV cache stays in a :class:`_Decoder`."""
-        decoder = _Decoder(self, 1)
+        """:meth:`cached_step` for checked ids: the KV cache stays in a decoder."""
+        decoder = self._decoder(1)
 
         def step(new_ids: Sequence[int], past_len: int) -> np.ndarray:
             ids = np.array(new_ids, dtype=np.int64).reshape(1, -1)
@@ -525,6 +635,7 @@ class OnnxGPT:
             raise InputError("this model's onnxruntime session was released: load it again")
 
         self.session, self._run = None, released
+        self._in_place_session, self.in_place = None, False
 
     def default_settings(self) -> tuple[SamplingParams, int]:
         """Sampling settings and token budget of the folder's ``generation_config.json``.
@@ -584,7 +695,7 @@ class OnnxGPT:
         return stream_text(tokenizer, self.generate_ids(ids, max_tokens, params))
 
     @staticmethod
-    def _start(decoder: _Decoder, contexts: list[list[int]]) -> np.ndarray:
+    def _start(decoder: _Decoder | _InPlaceDecoder, contexts: list[list[int]]) -> np.ndarray:
         """Run left-padded ``contexts`` from an empty cache: last-position logits."""
         width = max(len(c) for c in contexts)
         ids = np.zeros((len(contexts), width), dtype=np.int64)  # pad id 0: masked anyway
@@ -631,7 +742,7 @@ class OnnxGPT:
         rngs = [params.rng() for _ in contexts]
         if max_tokens == 0:
             return
-        decoder = _Decoder(self, len(contexts))
+        decoder = self._decoder(len(contexts))
         logits = self._start(decoder, contexts)
         longest = max(len(c) for c in contexts)
         finished = [False] * len(contexts)

@@ -27,7 +27,7 @@ from mlxgpt_export.errors import ExportError, InputError
 from mlxgpt_export.exporter import export_checkpoint
 from mlxgpt_export.graph import HEAD_WEIGHT, MASK_MIN_FLOAT16
 from mlxgpt_export.parity import reference_logits
-from mlxgpt_export.runtime import MODEL_FILES, OnnxGPT
+from mlxgpt_export.runtime import MODEL_FILES, OnnxGPT, _InPlaceDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 # Measured (README): float16 <= 1.1e-3 and int8 <= 2.6e-2 of the largest |logit| on every
@@ -301,3 +301,31 @@ def test_no_verify_records_the_precision_without_parity(tmp_path: Path):
     out = export_checkpoint(ckpt, tmp_path / "out", verify=False, quiet=True, dtype="float16")
     meta = {p.key: p.value for p in onnx.load(str(out / MODEL_FILES["float16"])).metadata_props}
     assert json.loads(meta["parity"]) == {"measured": False} and meta["dtype"] == "float16"
+
+
+def test_in_place_decoding_within_the_bound(case):
+    """Generation's in-place graph (mlxgpt_export.in_place) holds each precision's bound too:
+    a left-padded batch, then single-token steps and a two-token chunk, every row against
+    the reference of its own tokens. Heads whose size is not a multiple of 8 have no
+    in-place graph (onnxruntime's operator refuses them) and decode on the exported one."""
+    precision, _, _, model, weights = case
+    session = model.in_place_session()
+    if session is None:
+        assert model.config.head_size % 8, "an in-place graph was expected"
+        return
+    rng = np.random.default_rng(2)
+    rows = [rng.integers(0, model.config.vocab_size, n).tolist() for n in (6, 1, 11)]
+    width = max(map(len, rows))
+    ids, mask = np.zeros((3, width), np.int64), np.zeros((3, width), np.int64)
+    for r, row in enumerate(rows):
+        ids[r, width - len(row) :], mask[r, width - len(row) :] = row, 1
+    decoder = _InPlaceDecoder(model, len(rows), session)
+    logits = decoder.start(ids, mask)
+    for chunk in (1, 1, 2, 0):
+        for row, last in zip(rows, logits, strict=True):
+            expected = reference_logits(weights, model.config, np.array([row]))[0, -1]
+            within_bound(precision, last, expected)
+        if chunk:
+            new = rng.integers(0, model.config.vocab_size, (len(rows), chunk))
+            rows = [row + list(n) for row, n in zip(rows, new.tolist(), strict=True)]
+            logits = decoder.extend(new)

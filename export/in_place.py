@@ -1,0 +1,172 @@
+"""The in-place KV cache: an export's graph rewritten so decoding never copies the cache.
+
+An exported graph (:mod:`mlxgpt_export.graph`) takes the cache as ``past_key_values.*`` and
+returns ``present.* = Concat(past, new)``: the signature every client drives (Optimum,
+transformers.js, onnxruntime-genai). That Concat copies every layer's whole cache on every
+decode step, so a step's cost grows with the context even at batch 1 (measured on the
+shakespeare-char shape, int8 export, batch 1, 128 + 256 tokens: 22% of the step's kernel
+time). onnxruntime-genai runs such a graph the same way on CPUs (it shares past and present
+buffers only on CUDA).
+
+:func:`in_place_model` derives, from the same file, a graph for onnxruntime alone in which
+each layer's attention -- everything between the ``Split`` outputs ``/h.{i}/attn/{q,k,v}``
+and ``/h.{i}/attn/y``, plus the Concat of the cache, in either attention form -- is one
+``com.microsoft`` ``GroupQueryAttention`` node (``kv_num_heads = num_heads``: plain
+multi-head attention). Its past and present are buffers of a fixed length that the caller
+binds to the *same* memory (IO binding); the operator writes the new keys and values into
+them at each row's length and attends over that row's first ``seqlens_k + 1`` positions
+only, causally. Everything else -- embeddings, LayerNorms, MLPs, int8 MatMuls, float16
+casts, the LM head -- is the exported graph's own nodes, untouched, so the rewrite changes
+how attention is computed and nothing else (tests/test_in_place.py compares the logits of
+both graphs on every export precision and attention form).
+
+The rewritten graph's inputs: ``input_ids`` and ``position_ids`` as exported; the caches
+``(batch, n_head, cache_length, head_size)``; ``seqlens_k`` int32 ``(batch,)``, each row's
+length after this call minus 1; ``total_sequence_length`` int32 scalar, the longest of those
+lengths. There is no ``attention_mask``: a row's tokens are its first ``seqlens_k + 1``
+cache positions (padding goes on the right, and only ever sits beyond a row's length).
+The mask subgraph of the export has no consumer left and is removed.
+
+Needs the ``onnx`` package (the runtime without it decodes with the exported graph, see
+:func:`in_place_session`).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from mlxgpt.config import GPTConfig
+from mlxgpt_export import signature as sig
+
+SEQLENS_K = "seqlens_k"
+TOTAL_LENGTH = "total_sequence_length"
+CACHE_LENGTH = "cache_length"  # the symbolic dimension of the fixed-length caches
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+class RewriteError(Exception):
+    """The graph is not one :func:`in_place_model` knows how to rewrite."""
+
+
+def attention_nodes(graph: Any, layer: int) -> set[int]:
+    """Indices of layer ``layer``'s attention nodes: every node of the layer's scope
+    (``/h.{i}/attn/``) or making one of its ``present.*`` on a path back from ``y`` or a
+    present, up to q, k, v and the pasts.
+
+    The nodes shared by all layers (the mask subgraph) are not among them: they lose their
+    consumers and are pruned with the rest of the dead nodes.
+    """
+    scope = f"/h.{layer}/attn/"
+    starts = {f"{scope}{name}" for name in "qkv"} | set(sig.past_names(layer))
+    own = set(sig.present_names(layer))
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    for name in (*(f"{scope}{n}" for n in "qkvy"), *own):
+        if name not in producer:
+            raise RewriteError(f"the graph has no tensor {name!r}")
+    found: set[int] = set()
+    stack = [f"{scope}y", *own]
+    while stack:
+        name = stack.pop()
+        index = producer.get(name)
+        if index is None or index in found or name in starts:
+            continue
+        if name.startswith(scope) or name in own:
+            found.add(index)
+            stack.extend(graph.node[index].input)
+    return found
+
+
+def _live_nodes(graph: Any, nodes: list) -> list:
+    """``nodes`` minus those no graph output depends on (order kept)."""
+    needed = {output.name for output in graph.output}
+    live = []
+    for node in reversed(nodes):
+        if any(name in needed for name in node.output):
+            live.append(node)
+            needed.update(node.input)
+    return live[::-1]
+
+
+def _group_query_attention(layer: int, config: GPTConfig, helper: Any) -> Any:
+    """Layer ``layer``'s attention as one node, reading and writing the cache in place."""
+    scope = f"/h.{layer}/attn"
+    return helper.make_node(
+        "GroupQueryAttention",
+        [*(f"{scope}/{n}" for n in "qkv"), *sig.past_names(layer), SEQLENS_K, TOTAL_LENGTH],
+        [f"{scope}/y", *sig.present_names(layer)],
+        name=f"{scope}/group_query_attention",
+        domain=CONTRIB_DOMAIN,
+        num_heads=config.n_head,
+        kv_num_heads=config.n_head,
+        scale=1 / math.sqrt(config.head_size),
+    )
+
+
+def in_place_model(model: Any, config: GPTConfig) -> Any:
+    """Rewrite an exported ``onnx.ModelProto`` (in place, and return it): see the module
+    docstring. Raises :class:`RewriteError` when the graph is not an mlxgpt export of
+    ``config``'s shape (a legacy or foreign file), so the caller keeps the exported graph.
+    """
+    from onnx import TensorProto, helper
+
+    if config.head_size % 8:  # onnxruntime's GroupQueryAttention refuses such heads
+        raise RewriteError(f"head size {config.head_size} is not a multiple of 8")
+    graph = model.graph
+    expected = set(sig.input_names(config.n_layer))
+    if {i.name for i in graph.input} != expected:
+        raise RewriteError("the graph's inputs are not those of an mlxgpt export")
+    layer_of: dict[int, int] = {}  # node index -> the layer whose attention it computes
+    for layer in range(config.n_layer):
+        layer_of.update(dict.fromkeys(attention_nodes(graph, layer), layer))
+    nodes, placed = [], set()
+    for index, node in enumerate(graph.node):  # each layer's new node where its old ones began
+        layer = layer_of.get(index)
+        if layer is None:
+            nodes.append(node)
+        elif layer not in placed:
+            placed.add(layer)
+            nodes.append(_group_query_attention(layer, config, helper))
+    live = _live_nodes(graph, nodes)
+    del graph.node[:]
+    graph.node.extend(live)
+    inputs = [i for i in graph.input if i.name != sig.ATTENTION_MASK]
+    inputs += [
+        helper.make_tensor_value_info(SEQLENS_K, TensorProto.INT32, [sig.BATCH]),
+        helper.make_tensor_value_info(TOTAL_LENGTH, TensorProto.INT32, []),
+    ]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    for value in [*graph.input, *graph.output]:
+        if value.name.startswith(("past_key_values.", "present.")):
+            value.type.tensor_type.shape.dim[2].dim_param = CACHE_LENGTH
+    used = {name for node in live for name in (*node.input, *node.output)}
+    for field in (graph.initializer, graph.value_info):  # drop what only the old nodes used
+        kept = [item for item in field if item.name in used]
+        del field[:]
+        field.extend(kept)
+    if not any(o.domain == CONTRIB_DOMAIN for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(CONTRIB_DOMAIN, 1))
+    return model
+
+
+def in_place_bytes(model_path: Path, config: GPTConfig) -> bytes | None:
+    """The in-place graph of the model file, serialized; ``None`` where it cannot be made:
+    ``onnx`` is not installed (the minimal runtime install), the file is not an mlxgpt export
+    (:class:`RewriteError`), or the file keeps its weights in external data (over 2 GiB: the
+    rewritten file would not fit in one protobuf either, and such models decode with the
+    exported graph).
+    """
+    try:
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+    except ImportError:
+        return None
+    model = onnx.load(str(model_path), load_external_data=False)
+    if any(uses_external_data(t) for t in model.graph.initializer):
+        return None
+    try:
+        return in_place_model(model, config).SerializeToString()
+    except RewriteError:
+        return None

@@ -1,0 +1,164 @@
+"""Generation's in-place KV cache (mlxgpt_export.in_place and the runtime's _InPlaceDecoder).
+
+The rewritten graph must compute what the exported one computes (logits within 1e-5 of
+``forward()`` for a padded batch, identical tokens greedy and sampled, across the window
+slide), must keep every node outside attention, and the decoder must really keep the cache
+in its own buffers, written where each row's tokens are. Where no in-place graph can be
+made (no ``onnx``, heads onnxruntime's operator refuses, a foreign graph, ``in_place``
+off), generation decodes on the exported graph and gives the same tokens.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from test_runtime_fast import PARAMS, padded, reference_ids
+
+from mlxgpt_export import signature as sig
+from mlxgpt_export.exporter import export_checkpoint
+from mlxgpt_export.in_place import (
+    SEQLENS_K,
+    TOTAL_LENGTH,
+    RewriteError,
+    in_place_bytes,
+    in_place_model,
+)
+from mlxgpt_export.runtime import OnnxGPT, _Decoder, _InPlaceDecoder
+
+
+@pytest.fixture(scope="module", params=["portable", "fused"])
+def exported(request, trained_ckpt: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("in_place") / request.param
+    return export_checkpoint(trained_ckpt, out, attention=request.param, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def ort(exported: Path) -> OnnxGPT:
+    return OnnxGPT.load(exported)
+
+
+def op_types(model: onnx.ModelProto) -> list[str]:
+    return [node.op_type for node in model.graph.node]
+
+
+def test_rewrite_replaces_attention_and_keeps_every_other_node(ort: OnnxGPT):
+    exported = onnx.load(str(ort.model_path))
+    rewritten = in_place_model(onnx.load(str(ort.model_path)), ort.config)
+    onnx.checker.check_model(rewritten)
+    kinds = op_types(rewritten)
+    assert kinds.count("GroupQueryAttention") == ort.config.n_layer
+    assert "Concat" not in kinds and "Attention" not in kinds and "Softmax" not in kinds
+    inputs = [i.name for i in rewritten.graph.input]
+    assert sig.ATTENTION_MASK not in inputs and inputs[-2:] == [SEQLENS_K, TOTAL_LENGTH]
+    kept = {n.name for n in rewritten.graph.node}
+    outside = [
+        n.name
+        for n in exported.graph.node
+        if not n.name.startswith(("/mask/", *(f"/h.{i}/attn/" for i in range(ort.config.n_layer))))
+        and not any(o.startswith("present.") for o in n.output)
+    ]
+    assert outside and all(name in kept for name in outside)  # the Split, MLPs, LM head...
+    weights = {t.name for t in exported.graph.initializer if t.name.endswith("weight_t")}
+    assert weights <= {t.name for t in rewritten.graph.initializer}
+
+
+def test_decoder_logits_equal_forward_for_a_padded_batch(ort: OnnxGPT):
+    """Prompt, then single-token steps and a two-token chunk: logits within 1e-5."""
+    prompts = [[5, 9, 2, 7, 1], [3], [8, 8, 4]]
+    ids, mask = padded(prompts)
+    decoder = _InPlaceDecoder(ort, len(prompts), ort.in_place_session())
+    logits, past = ort.forward(ids, mask)
+    np.testing.assert_allclose(decoder.start(ids, mask), logits[:, -1], atol=1e-5, rtol=0)
+    rng = np.random.default_rng(0)
+    for new in (1, 1, 2, 1):
+        chunk = rng.integers(0, ort.config.vocab_size, (len(prompts), new))
+        mask = np.concatenate([mask, np.ones_like(chunk)], axis=1)
+        logits, past = ort.forward(chunk, mask, past=past)
+        np.testing.assert_allclose(decoder.extend(chunk), logits[:, -1], atol=1e-5, rtol=0)
+
+
+def test_the_cache_lives_in_the_decoders_buffers(ort: OnnxGPT):
+    """After a padded prompt and three steps, row r's keys and values are the first
+    ``length_r`` positions of the decoder's own buffers (right-aligned in forward()'s
+    left-padded present), and the buffers are the ones bound at the start."""
+    prompts = [[1, 2, 3, 4], [5]]
+    ids, mask = padded(prompts)
+    decoder = _InPlaceDecoder(ort, 2, ort.in_place_session())
+    buffers = [b.ctypes.data for b in decoder._buffers]
+    decoder.start(ids, mask)
+    _, past = ort.forward(ids, mask)
+    for token in ([6], [7], [8]):
+        step = np.array([token, token])
+        decoder.extend(step)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
+        _, past = ort.forward(step, mask, past=past)
+    assert [b.ctypes.data for b in decoder._buffers] == buffers
+    present = [x for kv in past for x in kv]
+    for row, prompt in enumerate(prompts):
+        length = len(prompt) + 3
+        for buffer, expected in zip(decoder._buffers, present, strict=True):
+            np.testing.assert_allclose(
+                buffer[row, :, :length], expected[row, :, -length:], atol=1e-5, rtol=0
+            )
+
+
+@pytest.mark.parametrize("params", PARAMS, ids=["greedy", "sampled"])
+def test_generation_decodes_in_place_and_equals_the_forward_loop(ort: OnnxGPT, params):
+    """70 tokens after a 20-token prompt in a 32-token window (it slides), and a batch."""
+    assert isinstance(ort._decoder(1), _InPlaceDecoder)
+    prompt = np.random.default_rng(1).integers(0, ort.config.vocab_size, 20).tolist()
+    assert list(ort.generate_ids(prompt, 70, params)) == reference_ids(ort, prompt, 70, params)
+    rng = np.random.default_rng(2)
+    prompts = [rng.integers(0, ort.config.vocab_size, n).tolist() for n in (1, 7, 30)]
+    rows = [list(c) for c in zip(*ort.generate_batch_ids(prompts, 40, params), strict=True)]
+    assert rows == [reference_ids(ort, p, 40, params) for p in prompts]
+
+
+# -- where there is no in-place graph --------------------------------------------------------
+def test_in_place_off_decodes_on_the_exported_graph(exported: Path):
+    model = OnnxGPT.load(exported)
+    model.in_place = False
+    assert model.in_place_session() is None and isinstance(model._decoder(2), _Decoder)
+    prompt = [3, 1, 4, 1, 5]
+    greedy = PARAMS[0]
+    assert list(model.generate_ids(prompt, 20, greedy)) == reference_ids(model, prompt, 20, greedy)
+
+
+def test_without_onnx_there_is_no_in_place_graph(exported: Path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    model = OnnxGPT.load(exported)
+    assert in_place_bytes(model.model_path, model.config) is None
+    assert model.in_place_session() is None
+    assert len(list(model.generate_ids([1, 2, 3], 5, PARAMS[0]))) == 5
+
+
+def test_heads_the_operator_refuses_keep_the_exported_graph(tmp_path: Path):
+    from test_export_support import CONFIGS, write_random_checkpoint
+
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", CONFIGS["nobias-2layer-hs5"], seed=1)
+    model = OnnxGPT.load(export_checkpoint(ckpt, tmp_path / "out", quiet=True))
+    with pytest.raises(RewriteError, match="head size 5 is not a multiple of 8"):
+        in_place_model(onnx.load(str(model.model_path)), model.config)
+    assert model.in_place_session() is None
+    greedy = PARAMS[0]
+    assert list(model.generate_ids([1, 2], 10, greedy)) == reference_ids(model, [1, 2], 10, greedy)
+
+
+def test_a_graph_without_mlxgpt_attention_is_not_rewritten(ort: OnnxGPT):
+    model = onnx.load(str(ort.model_path))
+    for node in model.graph.node:  # a foreign exporter's names
+        node.output[:] = [o.replace("/attn/y", "/attn/out") for o in node.output]
+        node.input[:] = [i.replace("/attn/y", "/attn/out") for i in node.input]
+    with pytest.raises(RewriteError, match="/attn/y"):
+        in_place_model(model, ort.config)
+
+
+def test_released_model_has_no_in_place_session(exported: Path):
+    model = OnnxGPT.load(exported)
+    assert model.in_place_session() is not None
+    model.release_session()
+    assert model.in_place_session() is None
