@@ -51,6 +51,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.prompts_file and args.prompt:
         raise ExportError("use either --prompt or --prompts-file, not both")
     model = OnnxGPT.load(args.folder, threads=args.threads)
+    model.in_place = not args.no_in_place
     params, max_tokens = sampling_params(args, *model.default_settings())
     if args.prompts_file:
         prompts = _read_prompts(args.prompts_file)
@@ -97,7 +98,13 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"model config: {meta.get('model_config', '?')}")
     print(f"generation defaults: {json.dumps(model.generation)}")
     print(f"parity measured at export: {meta.get('parity', '?')}")
+    in_place = model.in_place_session() is not None
+    print(f"generation decodes: {IN_PLACE if in_place else EXPORTED_GRAPH}")
     return 0
+
+
+IN_PLACE = "in place (the KV cache written into fixed buffers, mlxgpt_export.in_place)"
+EXPORTED_GRAPH = "on the exported graph (no in-place graph for this file or installation)"
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -223,6 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(p, defaults_from="the folder's generation_config.json")
     p.add_argument("--prompts-file", help="a text file with one prompt per line (a batch)")
     p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads (default: 1)")
+    p.add_argument(
+        "--no-in-place",
+        action="store_true",
+        help="decode on the exported graph (Concat cache) instead of its in-place rewrite: "
+        "slower, but holds the weights once instead of twice",
+    )
     p.set_defaults(func=cmd_generate)
     p = sub.add_parser("info", help="show an export's config, metadata and parity figures")
     p.add_argument("folder")

@@ -17,8 +17,9 @@ binds to the *same* memory (IO binding); the operator writes the new keys and va
 them at each row's length and attends over that row's first ``seqlens_k + 1`` positions
 only, causally. Everything else -- embeddings, LayerNorms, MLPs, int8 MatMuls, float16
 casts, the LM head -- is the exported graph's own nodes, untouched, so the rewrite changes
-how attention is computed and nothing else (tests/test_in_place.py compares the logits of
-both graphs on every export precision and attention form).
+how attention is computed and nothing else (tests/test_in_place.py holds its logits to the
+exported graph's, tests/test_export_precision.py to the float64 reference in every precision
+and attention form).
 
 The rewritten graph's inputs: ``input_ids`` and ``position_ids`` as exported; the caches
 ``(batch, n_head, cache_length, head_size)``; ``seqlens_k`` int32 ``(batch,)``, each row's
@@ -28,7 +29,7 @@ cache positions (padding goes on the right, and only ever sits beyond a row's le
 The mask subgraph of the export has no consumer left and is removed.
 
 Needs the ``onnx`` package (the runtime without it decodes with the exported graph, see
-:func:`in_place_session`).
+:func:`in_place_bytes`).
 """
 
 from __future__ import annotations

@@ -15,6 +15,13 @@ Quick use::
         print(piece, end="", flush=True)
     texts = model.generate_batch(["ROMEO:", "JULIET: O"], max_tokens=50)
 
+Generation decodes with an in-place KV cache: on first use the model file's graph is
+rewritten (:mod:`mlxgpt_export.in_place`) so each layer's attention writes its new keys and
+values into fixed buffers instead of returning ``Concat(past, new)``, a copy of the whole
+cache per step. :meth:`OnnxGPT.forward` and the server's batching engine run the graph as
+exported. ``model.in_place = False`` (``mlxgpt-ort generate --no-in-place``) decodes on the
+exported graph too, without the second session the rewrite needs.
+
 Context window (same rule as MLX generation): a prompt longer than ``block_size`` tokens
 keeps its last ``block_size`` tokens; once prompt + generated text no longer fit, the
 window slides and the last ``block_size`` tokens are recomputed without a cache. Batched
@@ -209,6 +216,14 @@ def check_prompt_ids(ids: Any, vocab_size: int) -> list[int]:
 # beyond the noise there and keep onnxruntime's defaults.
 DEFAULT_THREADS = 1
 
+# How far generation's in-place graph may be from the exported one before OnnxGPT keeps the
+# exported one (OnnxGPT._agrees_in_place), relative to the largest |logit|. float32 differs
+# by the order of summation (measured <= 6e-7); float16 and int8 by their rounding, so each
+# graph is within its precision's bound of the float64 reference (tests/test_export_precision.py:
+# 2e-3 and 5e-2) and the two within twice that. int8 rounds each call's activations on one
+# scale for the whole batch, which padding moves: measured 2.4e-2 on a padded batch.
+IN_PLACE_TOLERANCE = {"float32": 1e-4, "float16": 4e-3, "int8": 1e-1}
+
 
 def make_session(model: str | Path | bytes, threads: int | None = None) -> ort.InferenceSession:
     """A CPU onnxruntime session for a model file (or its serialized bytes).
@@ -323,7 +338,8 @@ def unchecked_run(session: ort.InferenceSession) -> Callable[[list[str], dict], 
 
 
 class _Decoder:
-    """The generation loops' way to run the graph: a KV cache that stays as onnxruntime made it.
+    """The generation loops' way to run the exported graph (where there is no in-place one,
+    :class:`_InPlaceDecoder`): a KV cache that stays as onnxruntime made it.
 
     :meth:`OnnxGPT.forward` checks every argument because anyone may call it with anything.
     The loops pass only what they built themselves -- prompt ids checked once at the call,
@@ -539,10 +555,32 @@ class OnnxGPT:
             self._in_place_tried = True
             graph = in_place_bytes(self.model_path, self.config)
             try:
-                self._in_place_session = make_session(graph, self.threads) if graph else None
+                session = make_session(graph, self.threads) if graph else None
             except Exception:  # an onnxruntime without the contrib operator: keep the export
-                self._in_place_session = None
+                session = None
+            if session is not None and self._agrees_in_place(session):
+                self._in_place_session = session
         return self._in_place_session
+
+    def _agrees_in_place(self, session: ort.InferenceSession) -> bool:
+        """Whether ``session`` gives the exported graph's logits for a left-padded batch of
+        two and a step after it, within :data:`IN_PLACE_TOLERANCE` of the largest |logit|: a
+        check, once per model, that this onnxruntime's operator does what the rewrite
+        assumes (tested with onnxruntime 1.32)."""
+        vocab = self.config.vocab_size
+        ids = np.array([[1, 2, 3, 4], [0, 0, 5, 6]]) % vocab
+        mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
+        step = np.array([[7], [8]]) % vocab
+        logits, past = self.forward(ids, mask)
+        after, _ = self.forward(step, np.concatenate([mask, [[1], [1]]], axis=1), past=past)
+        decoder = _InPlaceDecoder(self, 2, session)
+        got = [decoder.start(ids, mask), decoder.extend(step)]
+        expected = [logits[:, -1], after[:, -1]]
+        scale = max(1.0, *(float(np.abs(e).max()) for e in expected))
+        worst = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
+        meta = self.session.get_modelmeta().custom_metadata_map
+        precision = "int8" if meta.get("quantization") == "int8" else meta.get("dtype", "float32")
+        return worst <= IN_PLACE_TOLERANCE.get(precision, 0.0) * scale
 
     def _decoder(self, batch: int) -> _Decoder | _InPlaceDecoder:
         """The generation loops' decoder: in place where :meth:`in_place_session` exists."""

@@ -118,10 +118,13 @@ class OrtContender:
     def imports() -> None:
         import mlxgpt_export.runtime  # noqa: F401
 
-    def __init__(self, folder: str, cache: bool = True, options: dict | None = None):
+    def __init__(
+        self, folder: str, cache: bool = True, options: dict | None = None, in_place: bool = True
+    ):
         from mlxgpt_export.runtime import OnnxGPT
 
         self.model = OnnxGPT.load(folder)
+        self.model.in_place = in_place  # False: decode on the exported graph (Concat cache)
         if options:  # a session built with other settings (--session-options)
             self.model = OnnxGPT(
                 session_with(self.model.model_path, **options),
@@ -341,6 +344,9 @@ def contender_specs(ckpt: Path, tmp: Path, args: argparse.Namespace) -> tuple[li
         specs.append(dict(ort, batches=batches))
         if precision == "float32":  # without the cache: batch 1 only
             specs.append(dict(ort, name=f"mlxgpt-ort {name} no cache", cache=False, batches=(1,)))
+        if (form, precision) == ("portable", "float32"):  # the graph as exported, as genai runs it
+            specs.append(dict(ort, name=f"mlxgpt-ort {name} concat cache", in_place=False))
+            specs[-1]["batches"] = batches
         specs.append(dict(kind="genai", name=f"genai {name}", folder=str(folder), batches=batches))
     specs.append(dict(kind="mlx", name="MLX", ckpt=str(ckpt), batches=batches))
     specs.append(dict(kind="mlx", name="MLX no cache", ckpt=str(ckpt), cache=False, batches=(1,)))
@@ -538,7 +544,8 @@ def binding_section(ckpt: Path, config: GPTConfig, tmp: Path, args: argparse.Nam
 
     model = OnnxGPT.load(portable_folder(ckpt, tmp))
     ways: dict[str, Callable[[Any, np.ndarray, int], float]] = {
-        "session.run, numpy in and out (mlxgpt-ort)": numpy_steps,
+        "in place: GroupQueryAttention on bound buffers (mlxgpt-ort)": in_place_steps,
+        "session.run, numpy in and out (exported graph)": numpy_steps,
         "IO binding, OrtValues": lambda m, ids, new: binding_steps(m, ids, new, False),
         "IO binding, preallocated buffers": lambda m, ids, new: binding_steps(m, ids, new, True),
     }
@@ -555,11 +562,22 @@ def binding_section(ckpt: Path, config: GPTConfig, tmp: Path, args: argparse.Nam
     return {"rows": out}
 
 
-def numpy_steps(model: Any, ids: np.ndarray, new: int) -> float:
+def in_place_steps(model: Any, ids: np.ndarray, new: int) -> float:
     """Decode steps as mlxgpt-ort's generation loops take them; microseconds per step."""
+    from mlxgpt_export.runtime import _InPlaceDecoder
+
+    return decode_steps(_InPlaceDecoder(model, len(ids), model.in_place_session()), ids, new)
+
+
+def numpy_steps(model: Any, ids: np.ndarray, new: int) -> float:
+    """Decode steps on the exported graph, its presents fed back as the next pasts."""
     from mlxgpt_export.runtime import _Decoder
 
-    decoder = _Decoder(model, len(ids))
+    return decode_steps(_Decoder(model, len(ids)), ids, new)
+
+
+def decode_steps(decoder: Any, ids: np.ndarray, new: int) -> float:
+    """Microseconds per greedy decode step of ``decoder`` after the prompt ``ids``."""
     logits = decoder.start(ids, np.ones_like(ids))
     start = time.perf_counter()
     for _ in range(new):

@@ -162,3 +162,38 @@ def test_released_model_has_no_in_place_session(exported: Path):
     assert model.in_place_session() is not None
     model.release_session()
     assert model.in_place_session() is None
+
+
+def test_cli_no_in_place_gives_the_same_text_and_info_says_how_it_decodes(exported: Path, capsys):
+    from mlxgpt_export.cli import EXPORTED_GRAPH, IN_PLACE
+    from mlxgpt_export.cli import main as ort_main
+
+    texts = []
+    for flags in ([], ["--no-in-place"]):
+        argv = ["generate", str(exported), "--prompt", "the ", "--max-tokens", "30"]
+        assert ort_main([*argv, "--temperature", "0", *flags]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1] and len(texts[0]) > len("the \n")
+    assert ort_main(["info", str(exported)]) == 0
+    assert f"generation decodes: {IN_PLACE}" in capsys.readouterr().out
+    assert EXPORTED_GRAPH != IN_PLACE
+
+
+def test_an_in_place_graph_that_disagrees_with_the_export_is_not_used(exported: Path, monkeypatch):
+    """OnnxGPT checks the in-place graph against the exported one once (a padded batch and a
+    step) and keeps the exported graph if they differ: here, attention scaled wrongly."""
+    import mlxgpt_export.runtime as runtime
+
+    def wrong_scale(model_path: Path, config) -> bytes:
+        model = in_place_model(onnx.load(str(model_path)), config)
+        for node in model.graph.node:
+            for attribute in node.attribute:
+                if attribute.name == "scale":
+                    attribute.f *= 1.5
+        return model.SerializeToString()
+
+    model = OnnxGPT.load(exported)
+    monkeypatch.setattr(runtime, "in_place_bytes", wrong_scale)
+    assert model.in_place_session() is None and isinstance(model._decoder(1), _Decoder)
+    greedy = PARAMS[0]
+    assert list(model.generate_ids([1, 2], 10, greedy)) == reference_ids(model, [1, 2], 10, greedy)
