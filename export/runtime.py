@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,7 @@ from mlxgpt.sampling import (
 from mlxgpt.tokenizer import Tokenizer, prompt_ids, stream_text
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import ExportFolderError, InputError
-from mlxgpt_export.in_place import SEQLENS_K, TOTAL_LENGTH, in_place_bytes
+from mlxgpt_export.in_place import SEQLENS_K, TOTAL_LENGTH, write_in_place_model
 
 # The files of an export folder that this runtime reads (the exporter writes more, for
 # other clients: mlxgpt_export.exporter.EXPORT_ENTRIES).
@@ -543,8 +544,9 @@ class OnnxGPT:
     def in_place_session(self) -> ort.InferenceSession | None:
         """The session of the in-place graph that generation decodes on, made on first use;
         ``None`` where there is none (:attr:`in_place` off, a model not loaded from a file,
-        or :func:`~mlxgpt_export.in_place.in_place_bytes` could not rewrite the file, e.g.
-        without the ``onnx`` package): generation then decodes on the exported graph.
+        or :func:`~mlxgpt_export.in_place.write_in_place_model` could not rewrite the file, e.g.
+        without the ``onnx`` package, or the rewritten graph failed its check against the
+        exported one, :meth:`_agrees_in_place`): generation then decodes on the exported graph.
 
         It holds a second copy of the weights beside :attr:`session` (which
         :meth:`forward` and the server's batching engine run).
@@ -553,11 +555,14 @@ class OnnxGPT:
             return None
         if not self._in_place_tried:
             self._in_place_tried = True
-            graph = in_place_bytes(self.model_path, self.config)
-            try:
-                session = make_session(graph, self.threads) if graph else None
-            except Exception:  # an onnxruntime without the contrib operator: keep the export
-                session = None
+            session = None
+            with tempfile.TemporaryDirectory(prefix="mlxgpt-in-place-") as scratch:
+                path = Path(scratch) / "model.onnx"  # removed as soon as the session holds it
+                try:
+                    if write_in_place_model(self.model_path, self.config, path):
+                        session = make_session(path, self.threads)
+                except Exception:  # e.g. an onnxruntime without the contrib operator
+                    session = None
             if session is not None and self._agrees_in_place(session):
                 self._in_place_session = session
         return self._in_place_session
@@ -568,6 +573,8 @@ class OnnxGPT:
         check, once per model, that this onnxruntime's operator does what the rewrite
         assumes (tested with onnxruntime 1.32)."""
         vocab = self.config.vocab_size
+        if self.config.block_size < 5:  # the check's 5 positions do not fit: no in-place graph
+            return False
         ids = np.array([[1, 2, 3, 4], [0, 0, 5, 6]]) % vocab
         mask = np.array([[1, 1, 1, 1], [0, 0, 1, 1]])
         step = np.array([[7], [8]]) % vocab

@@ -24,8 +24,8 @@ from mlxgpt_export.in_place import (
     SEQLENS_K,
     TOTAL_LENGTH,
     RewriteError,
-    in_place_bytes,
     in_place_model,
+    write_in_place_model,
 )
 from mlxgpt_export.runtime import OnnxGPT, _Decoder, _InPlaceDecoder
 
@@ -128,10 +128,11 @@ def test_in_place_off_decodes_on_the_exported_graph(exported: Path):
     assert list(model.generate_ids(prompt, 20, greedy)) == reference_ids(model, prompt, 20, greedy)
 
 
-def test_without_onnx_there_is_no_in_place_graph(exported: Path, monkeypatch):
+def test_without_onnx_there_is_no_in_place_graph(exported: Path, monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
     model = OnnxGPT.load(exported)
-    assert in_place_bytes(model.model_path, model.config) is None
+    assert not write_in_place_model(model.model_path, model.config, tmp_path / "m.onnx")
+    assert not (tmp_path / "m.onnx").exists()
     assert model.in_place_session() is None
     assert len(list(model.generate_ids([1, 2, 3], 5, PARAMS[0]))) == 5
 
@@ -184,16 +185,17 @@ def test_an_in_place_graph_that_disagrees_with_the_export_is_not_used(exported: 
     step) and keeps the exported graph if they differ: here, attention scaled wrongly."""
     import mlxgpt_export.runtime as runtime
 
-    def wrong_scale(model_path: Path, config) -> bytes:
+    def wrong_scale(model_path: Path, config, out: Path) -> bool:
         model = in_place_model(onnx.load(str(model_path)), config)
         for node in model.graph.node:
             for attribute in node.attribute:
                 if attribute.name == "scale":
                     attribute.f *= 1.5
-        return model.SerializeToString()
+        onnx.save(model, str(out))
+        return True
 
     model = OnnxGPT.load(exported)
-    monkeypatch.setattr(runtime, "in_place_bytes", wrong_scale)
+    monkeypatch.setattr(runtime, "write_in_place_model", wrong_scale)
     assert model.in_place_session() is None and isinstance(model._decoder(1), _Decoder)
     greedy = PARAMS[0]
     assert list(model.generate_ids([1, 2], 10, greedy)) == reference_ids(model, [1, 2], 10, greedy)
