@@ -125,6 +125,7 @@ class OrtContender:
 
         self.model = OnnxGPT.load(folder)
         self.model.in_place = in_place  # False: decode on the exported graph (Concat cache)
+        self.model.in_place_session()  # made now, as loading: not inside the first token
         if options:  # a session built with other settings (--session-options)
             self.model = OnnxGPT(
                 session_with(self.model.model_path, **options),

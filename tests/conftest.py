@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny corpus and a briefly trained tiny checkpoint (built once)."""
+"""Shared fixtures: a tiny corpus, a briefly trained tiny checkpoint (built once), and its
+export in both attention forms loaded in mlxgpt-ort (once per test module)."""
 
 from __future__ import annotations
 
@@ -56,3 +57,20 @@ def trained_ckpt(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) ->
     out = tmp_path_factory.mktemp("trained")
     result = train(tiny_train_config(corpus_file, out), progress=False, quiet=True)
     return result.ckpt
+
+
+@pytest.fixture(scope="module", params=["portable", "fused"])
+def exported(request, trained_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained checkpoint exported with each attention form."""
+    from mlxgpt_export.exporter import export_checkpoint
+
+    out = tmp_path_factory.mktemp("exported") / request.param
+    return export_checkpoint(trained_ckpt, out, attention=request.param, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def ort(exported: Path):
+    """:func:`exported` loaded in mlxgpt-ort (``OnnxGPT``)."""
+    from mlxgpt_export.runtime import OnnxGPT
+
+    return OnnxGPT.load(exported)

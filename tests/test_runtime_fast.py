@@ -1,4 +1,4 @@
-"""The generation loops' fast path (``_Decoder``) against the checked public ``forward``.
+"""The generation loops' fast paths (``_Decoder``, ``_InPlaceDecoder``) against ``forward``.
 
 The loops run the graph without re-checking their own inputs and hand each step's
 ``present.*`` arrays to the next step as they are. These tests hold that path to the
@@ -21,21 +21,16 @@ from mlxgpt import sampling
 from mlxgpt.sampling import SamplingParams
 from mlxgpt_export import signature as sig
 from mlxgpt_export.errors import InputError
-from mlxgpt_export.exporter import export_checkpoint
-from mlxgpt_export.runtime import MODEL_FILE, OnnxGPT, _Decoder, next_tokens, unchecked_run
+from mlxgpt_export.runtime import (
+    MODEL_FILE,
+    OnnxGPT,
+    _Decoder,
+    _InPlaceDecoder,
+    next_tokens,
+    unchecked_run,
+)
 
 PARAMS = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.9, top_k=8, seed=3)]
-
-
-@pytest.fixture(scope="module", params=["portable", "fused"])
-def exported(request, trained_ckpt: Path, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("fast") / request.param
-    return export_checkpoint(trained_ckpt, out, attention=request.param, quiet=True)
-
-
-@pytest.fixture(scope="module")
-def ort(exported: Path) -> OnnxGPT:
-    return OnnxGPT.load(exported)
 
 
 def forward_step(model: OnnxGPT) -> sampling.StepFn:
@@ -64,11 +59,19 @@ def padded(prompts: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
     return ids, mask
 
 
-def test_decoder_logits_equal_forward_for_a_padded_batch(ort: OnnxGPT):
+def make_decoder(model: OnnxGPT, batch: int, kind: str) -> _Decoder | _InPlaceDecoder:
+    """A decoder on the exported graph, or on its in-place rewrite (mlxgpt_export.in_place)."""
+    if kind == "exported graph":
+        return _Decoder(model, batch)
+    return _InPlaceDecoder(model, batch, model.in_place_session())
+
+
+@pytest.mark.parametrize("kind", ["exported graph", "in place"])
+def test_decoder_logits_equal_forward_for_a_padded_batch(ort: OnnxGPT, kind: str):
     """Prompt, then three single-token steps and a two-token chunk: logits within 1e-5."""
     prompts = [[5, 9, 2, 7, 1], [3], [8, 8, 4]]
     ids, mask = padded(prompts)
-    decoder = _Decoder(ort, len(prompts))
+    decoder = make_decoder(ort, len(prompts), kind)
     logits, past = ort.forward(ids, mask)
     np.testing.assert_allclose(decoder.start(ids, mask), logits[:, -1], atol=1e-5, rtol=0)
     rng = np.random.default_rng(0)
