@@ -57,6 +57,19 @@ def test_rewrite_replaces_attention_and_keeps_every_other_node(ort: OnnxGPT):
     assert weights <= {t.name for t in rewritten.graph.initializer}
 
 
+def test_one_row_alternates_steps_and_chunks(ort: OnnxGPT):
+    """At batch 1 a chunk runs in one call after a past and the next step binds its own
+    inputs again: steps, a three-token chunk, steps, all within 1e-5 of forward()."""
+    decoder = _InPlaceDecoder(ort, 1, ort.in_place_session())
+    ids = np.array([[4, 2, 9]])
+    logits, past = ort.forward(ids)
+    np.testing.assert_allclose(decoder.start(ids, np.ones_like(ids)), logits[:, -1], atol=1e-5)
+    for chunk in ([[1]], [[3]], [[5, 6, 7]], [[8]], [[2]]):
+        logits, past = ort.forward(chunk, past=past)
+        np.testing.assert_allclose(decoder.extend(np.array(chunk)), logits[:, -1], atol=1e-5)
+    assert decoder.length == 3 + 7
+
+
 def test_the_cache_lives_in_the_decoders_buffers(ort: OnnxGPT):
     """After a padded prompt and three steps, row r's keys and values are the first
     ``length_r`` positions of the decoder's own buffers (right-aligned in forward()'s
