@@ -79,6 +79,37 @@ def attention_nodes(graph: Any, layer: int) -> set[int]:
     return found
 
 
+GELU_OPS = {"gelu": "Gelu", "gelu_tanh": "FastGelu"}  # com.microsoft, float32 on CPUs
+
+
+def gelu_nodes(graph: Any, layer: int) -> tuple[set[int], str] | None:
+    """Indices of layer ``layer``'s GELU nodes (:func:`mlxgpt_export.graph._gelu`: the nodes
+    under ``/h.{i}/mlp/gelu/`` that ``.../out`` is computed from; an int8 graph's quantizer
+    adds nodes of that scope after it, which stay) and the one tensor they take; ``None``
+    where the graph has no such chain."""
+    scope = f"/h.{layer}/mlp/gelu/"
+    constants = {t.name for t in graph.initializer}
+    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
+    found: set[int] = set()
+    stack = [f"{scope}out"]  # back from the output, through the scope only
+    while stack:
+        index = producer.get(stack.pop())
+        if index is not None and index not in found:
+            found.add(index)
+            stack.extend(n for n in graph.node[index].input if n.startswith(scope))
+    outputs = {o for i in found for o in graph.node[i].output}
+    inputs = {
+        name
+        for i in found
+        for name in graph.node[i].input
+        if name not in outputs and name not in constants
+    }
+    consumers = {n for i, node in enumerate(graph.node) if i not in found for n in node.input}
+    if f"{scope}out" not in outputs or len(inputs) != 1 or (outputs - {f"{scope}out"}) & consumers:
+        return None  # not the chain _gelu writes, or a node outside it reads a partial result
+    return found, inputs.pop()
+
+
 def _live_nodes(graph: Any, nodes: list) -> list:
     """``nodes`` minus those no graph output depends on (order kept)."""
     needed = {output.name for output in graph.output}
@@ -90,12 +121,24 @@ def _live_nodes(graph: Any, nodes: list) -> list:
     return live[::-1]
 
 
-def _group_query_attention(layer: int, config: GPTConfig, helper: Any) -> Any:
+def _packed_qkv(graph: Any, layer: int) -> list[str]:
+    """The attention's query/key/value inputs: the one projection ``c_attn`` makes, where
+    q, k and v are the three outputs of one ``Split`` of it (the operator splits it itself,
+    one node less a layer), else q, k, v."""
+    scope = f"/h.{layer}/attn"
+    qkv = [f"{scope}/{n}" for n in "qkv"]
+    split = next((n for n in graph.node if list(n.output) == qkv), None)
+    if split is not None and split.op_type == "Split":
+        return [split.input[0], "", ""]
+    return qkv
+
+
+def _group_query_attention(layer: int, config: GPTConfig, helper: Any, qkv: list[str]) -> Any:
     """Layer ``layer``'s attention as one node, reading and writing the cache in place."""
     scope = f"/h.{layer}/attn"
     return helper.make_node(
         "GroupQueryAttention",
-        [*(f"{scope}/{n}" for n in "qkv"), *sig.past_names(layer), SEQLENS_K, TOTAL_LENGTH],
+        [*qkv, *sig.past_names(layer), SEQLENS_K, TOTAL_LENGTH],
         [f"{scope}/y", *sig.present_names(layer)],
         name=f"{scope}/group_query_attention",
         domain=CONTRIB_DOMAIN,
@@ -118,17 +161,30 @@ def in_place_model(model: Any, config: GPTConfig) -> Any:
     expected = set(sig.input_names(config.n_layer))
     if {i.name for i in graph.input} != expected:
         raise RewriteError("the graph's inputs are not those of an mlxgpt export")
-    layer_of: dict[int, int] = {}  # node index -> the layer whose attention it computes
+    groups = []  # (indices of the nodes replaced, the node replacing them)
     for layer in range(config.n_layer):
-        layer_of.update(dict.fromkeys(attention_nodes(graph, layer), layer))
-    nodes, placed = [], set()
-    for index, node in enumerate(graph.node):  # each layer's new node where its old ones began
-        layer = layer_of.get(index)
-        if layer is None:
+        qkv = _packed_qkv(graph, layer)
+        attention = _group_query_attention(layer, config, helper, qkv)
+        groups.append((attention_nodes(graph, layer), attention))
+    past_type = next(i for i in graph.input if i.name == sig.past_names(0)[0]).type
+    if past_type.tensor_type.elem_type == TensorProto.FLOAT:  # float32 activations
+        for layer in range(config.n_layer):
+            gelu = gelu_nodes(graph, layer)
+            if gelu is not None:
+                scope = f"/h.{layer}/mlp/gelu/"
+                op = GELU_OPS[config.activation]
+                node = helper.make_node(
+                    op, [gelu[1]], [f"{scope}out"], name=f"{scope}{op}", domain=CONTRIB_DOMAIN
+                )
+                groups.append((gelu[0], node))
+    first = {min(indices): node for indices, node in groups}
+    replaced = {index for indices, _ in groups for index in indices}
+    nodes = []
+    for index, node in enumerate(graph.node):  # each new node where its group began
+        if index in first:
+            nodes.append(first[index])
+        elif index not in replaced:
             nodes.append(node)
-        elif layer not in placed:
-            placed.add(layer)
-            nodes.append(_group_query_attention(layer, config, helper))
     live = _live_nodes(graph, nodes)
     del graph.node[:]
     graph.node.extend(live)

@@ -18,8 +18,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from test_export_support import CONFIGS, write_random_checkpoint
 from test_runtime_fast import PARAMS, padded, reference_ids
 
+from mlxgpt.checkpoint import read_config, read_weights
+from mlxgpt.config import GPTConfig
 from mlxgpt_export import signature as sig
 from mlxgpt_export.exporter import export_checkpoint
 from mlxgpt_export.in_place import (
@@ -29,6 +32,7 @@ from mlxgpt_export.in_place import (
     in_place_model,
     write_in_place_model,
 )
+from mlxgpt_export.parity import reference_logits
 from mlxgpt_export.runtime import OnnxGPT, _Decoder, _InPlaceDecoder
 
 
@@ -36,25 +40,53 @@ def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
 
 
-def test_rewrite_replaces_attention_and_keeps_every_other_node(ort: OnnxGPT):
+def test_rewrite_replaces_attention_and_gelu_and_keeps_every_other_node(ort: OnnxGPT):
     exported = onnx.load(str(ort.model_path))
     rewritten = in_place_model(onnx.load(str(ort.model_path)), ort.config)
     onnx.checker.check_model(rewritten)
     kinds = op_types(rewritten)
-    assert kinds.count("GroupQueryAttention") == ort.config.n_layer
-    assert "Concat" not in kinds and "Attention" not in kinds and "Softmax" not in kinds
+    n_layer = ort.config.n_layer
+    assert kinds.count("GroupQueryAttention") == kinds.count("Gelu") == n_layer
+    for gone in ("Concat", "Attention", "Softmax", "Split", "Erf"):
+        assert gone not in kinds
     inputs = [i.name for i in rewritten.graph.input]
     assert sig.ATTENTION_MASK not in inputs and inputs[-2:] == [SEQLENS_K, TOTAL_LENGTH]
     kept = {n.name for n in rewritten.graph.node}
+    scopes = (
+        "/mask/",
+        *(f"/h.{i}/{part}/" for i in range(n_layer) for part in ("attn", "mlp/gelu")),
+    )
     outside = [
         n.name
         for n in exported.graph.node
-        if not n.name.startswith(("/mask/", *(f"/h.{i}/attn/" for i in range(ort.config.n_layer))))
-        and not any(o.startswith("present.") for o in n.output)
+        if not any(o.startswith(scopes) or o.startswith("present.") for o in n.output)
     ]
-    assert outside and all(name in kept for name in outside)  # the Split, MLPs, LM head...
+    assert outside and all(name in kept for name in outside)  # LayerNorms, MatMuls, head...
     weights = {t.name for t in exported.graph.initializer if t.name.endswith("weight_t")}
     assert weights <= {t.name for t in rewritten.graph.initializer}
+
+
+def test_tanh_gelu_becomes_fast_gelu_within_1e5_of_the_reference(tmp_path: Path):
+    """The tanh approximation (GPT-2's) fuses into FastGelu; logits of a padded batch and of
+    decode steps stay within 1e-5 (of the largest |logit|) of the float64 reference."""
+    config = GPTConfig(
+        vocab_size=40, block_size=32, n_layer=2, n_head=2, n_embd=32, activation="gelu_tanh"
+    )
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", config, seed=4)
+    model = OnnxGPT.load(export_checkpoint(ckpt, tmp_path / "out", quiet=True))
+    rewritten = in_place_model(onnx.load(str(model.model_path)), model.config)
+    assert op_types(rewritten).count("FastGelu") == 2 and "Tanh" not in op_types(rewritten)
+    weights = read_weights(ckpt, read_config(ckpt))
+    rows = [[3, 1, 4, 1, 5], [9, 2]]
+    ids, mask = padded(rows)
+    decoder = _InPlaceDecoder(model, 2, model.in_place_session())
+    logits = decoder.start(ids, mask)
+    for token in (6, 7, 0):
+        expected = [reference_logits(weights, config, np.array([r]))[0, -1] for r in rows]
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(logits - np.array(expected)).max() <= 1e-5 * scale
+        rows = [r + [token] for r in rows]
+        logits = decoder.extend(np.array([[token], [token]]))
 
 
 def test_one_row_alternates_steps_and_chunks(ort: OnnxGPT):
@@ -127,8 +159,6 @@ def test_without_onnx_there_is_no_in_place_graph(exported: Path, monkeypatch, tm
 
 
 def test_heads_the_operator_refuses_keep_the_exported_graph(tmp_path: Path):
-    from test_export_support import CONFIGS, write_random_checkpoint
-
     ckpt = write_random_checkpoint(tmp_path / "ckpt", CONFIGS["nobias-2layer-hs5"], seed=1)
     model = OnnxGPT.load(export_checkpoint(ckpt, tmp_path / "out", quiet=True))
     with pytest.raises(RewriteError, match="head size 5 is not a multiple of 8"):
