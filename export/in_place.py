@@ -15,11 +15,14 @@ and ``/h.{i}/attn/y``, plus the Concat of the cache, in either attention form --
 multi-head attention). Its past and present are buffers of a fixed length that the caller
 binds to the *same* memory (IO binding); the operator writes the new keys and values into
 them at each row's length and attends over that row's first ``seqlens_k + 1`` positions
-only, causally. Everything else -- embeddings, LayerNorms, MLPs, int8 MatMuls, float16
-casts, the LM head -- is the exported graph's own nodes, untouched, so the rewrite changes
-how attention is computed and nothing else (tests/test_in_place.py holds its logits to the
-exported graph's, tests/test_export_precision.py to the float64 reference in every precision
-and attention form).
+only, causally; it takes the packed q/k/v projection (the ``Split`` goes). Each GELU chain
+of :func:`mlxgpt_export.graph._gelu` becomes one ``com.microsoft`` ``Gelu`` (erf) or
+``FastGelu`` (tanh) node: fewer nodes per step for onnxruntime to run. Everything else --
+embeddings, LayerNorms, MatMuls (int8 ones included), float16 casts, the LM head -- is the
+exported graph's own nodes, untouched, so the rewrite changes how attention and GELU are
+computed and nothing else (tests/test_in_place.py holds its logits to the exported graph's,
+tests/test_export_precision.py to the float64 reference in every precision and attention
+form).
 
 The rewritten graph's inputs: ``input_ids`` and ``position_ids`` as exported; the caches
 ``(batch, n_head, cache_length, head_size)``; ``seqlens_k`` int32 ``(batch,)``, each row's
@@ -79,7 +82,7 @@ def attention_nodes(graph: Any, layer: int) -> set[int]:
     return found
 
 
-GELU_OPS = {"gelu": "Gelu", "gelu_tanh": "FastGelu"}  # com.microsoft, float32 on CPUs
+GELU_OPS = {"gelu": "Gelu", "gelu_tanh": "FastGelu"}  # com.microsoft
 
 
 def gelu_nodes(graph: Any, layer: int) -> tuple[set[int], str] | None:
@@ -166,17 +169,14 @@ def in_place_model(model: Any, config: GPTConfig) -> Any:
         qkv = _packed_qkv(graph, layer)
         attention = _group_query_attention(layer, config, helper, qkv)
         groups.append((attention_nodes(graph, layer), attention))
-    past_type = next(i for i in graph.input if i.name == sig.past_names(0)[0]).type
-    if past_type.tensor_type.elem_type == TensorProto.FLOAT:  # float32 activations
-        for layer in range(config.n_layer):
-            gelu = gelu_nodes(graph, layer)
-            if gelu is not None:
-                scope = f"/h.{layer}/mlp/gelu/"
-                op = GELU_OPS[config.activation]
-                node = helper.make_node(
-                    op, [gelu[1]], [f"{scope}out"], name=f"{scope}{op}", domain=CONTRIB_DOMAIN
-                )
-                groups.append((gelu[0], node))
+    for layer in range(config.n_layer):
+        gelu = gelu_nodes(graph, layer)
+        if gelu is not None:
+            scope, op = f"/h.{layer}/mlp/gelu/", GELU_OPS[config.activation]
+            node = helper.make_node(
+                op, [gelu[1]], [f"{scope}out"], name=f"{scope}{op}", domain=CONTRIB_DOMAIN
+            )
+            groups.append((gelu[0], node))
     first = {min(indices): node for indices, node in groups}
     replaced = {index for indices, _ in groups for index in indices}
     nodes = []
