@@ -54,7 +54,12 @@ class RewriteError(Exception):
     """The graph is not one :func:`in_place_model` knows how to rewrite."""
 
 
-def attention_nodes(graph: Any, layer: int) -> set[int]:
+def producers(graph: Any) -> dict[str, int]:
+    """Tensor name -> index of the node that makes it."""
+    return {out: index for index, node in enumerate(graph.node) for out in node.output}
+
+
+def attention_nodes(graph: Any, layer: int, producer: dict[str, int]) -> set[int]:
     """Indices of layer ``layer``'s attention nodes: every node of the layer's scope
     (``/h.{i}/attn/``) or making one of its ``present.*`` on a path back from ``y`` or a
     present, up to q, k, v and the pasts.
@@ -65,7 +70,6 @@ def attention_nodes(graph: Any, layer: int) -> set[int]:
     scope = f"/h.{layer}/attn/"
     starts = {f"{scope}{name}" for name in "qkv"} | set(sig.past_names(layer))
     own = set(sig.present_names(layer))
-    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
     for name in (*(f"{scope}{n}" for n in "qkvy"), *own):
         if name not in producer:
             raise RewriteError(f"the graph has no tensor {name!r}")
@@ -85,14 +89,13 @@ def attention_nodes(graph: Any, layer: int) -> set[int]:
 GELU_OPS = {"gelu": "Gelu", "gelu_tanh": "FastGelu"}  # com.microsoft
 
 
-def gelu_nodes(graph: Any, layer: int) -> tuple[set[int], str] | None:
+def gelu_nodes(graph: Any, layer: int, producer: dict[str, int]) -> tuple[set[int], str] | None:
     """Indices of layer ``layer``'s GELU nodes (:func:`mlxgpt_export.graph._gelu`: the nodes
     under ``/h.{i}/mlp/gelu/`` that ``.../out`` is computed from; an int8 graph's quantizer
     adds nodes of that scope after it, which stay) and the one tensor they take; ``None``
     where the graph has no such chain."""
     scope = f"/h.{layer}/mlp/gelu/"
     constants = {t.name for t in graph.initializer}
-    producer = {out: index for index, node in enumerate(graph.node) for out in node.output}
     found: set[int] = set()
     stack = [f"{scope}out"]  # back from the output, through the scope only
     while stack:
@@ -124,14 +127,14 @@ def _live_nodes(graph: Any, nodes: list) -> list:
     return live[::-1]
 
 
-def _packed_qkv(graph: Any, layer: int) -> list[str]:
+def _packed_qkv(graph: Any, layer: int, producer: dict[str, int]) -> list[str]:
     """The attention's query/key/value inputs: the one projection ``c_attn`` makes, where
     q, k and v are the three outputs of one ``Split`` of it (the operator splits it itself,
     one node less a layer), else q, k, v."""
     scope = f"/h.{layer}/attn"
     qkv = [f"{scope}/{n}" for n in "qkv"]
-    split = next((n for n in graph.node if list(n.output) == qkv), None)
-    if split is not None and split.op_type == "Split":
+    split = graph.node[producer[qkv[0]]] if qkv[0] in producer else None
+    if split is not None and split.op_type == "Split" and list(split.output) == qkv:
         return [split.input[0], "", ""]
     return qkv
 
@@ -164,13 +167,14 @@ def in_place_model(model: Any, config: GPTConfig) -> Any:
     expected = set(sig.input_names(config.n_layer))
     if {i.name for i in graph.input} != expected:
         raise RewriteError("the graph's inputs are not those of an mlxgpt export")
+    producer = producers(graph)
     groups = []  # (indices of the nodes replaced, the node replacing them)
     for layer in range(config.n_layer):
-        qkv = _packed_qkv(graph, layer)
+        qkv = _packed_qkv(graph, layer, producer)
         attention = _group_query_attention(layer, config, helper, qkv)
-        groups.append((attention_nodes(graph, layer), attention))
+        groups.append((attention_nodes(graph, layer, producer), attention))
     for layer in range(config.n_layer):
-        gelu = gelu_nodes(graph, layer)
+        gelu = gelu_nodes(graph, layer, producer)
         if gelu is not None:
             scope, op = f"/h.{layer}/mlp/gelu/", GELU_OPS[config.activation]
             node = helper.make_node(

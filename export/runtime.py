@@ -562,7 +562,7 @@ class OnnxGPT:
                     if write_in_place_model(self.model_path, self.config, path):
                         session = make_session(path, self.threads)
                 except Exception:  # e.g. an onnxruntime without the contrib operator
-                    session = None
+                    pass  # no in-place graph: generation keeps the exported one
             if session is not None and self._agrees_in_place(session):
                 self._in_place_session = session
         return self._in_place_session
@@ -580,7 +580,7 @@ class OnnxGPT:
         decoder = _InPlaceDecoder(self, 2, session)
         logits, past = self.forward(ids, mask)
         got, expected = [decoder.start(ids, mask)], [logits[:, -1]]
-        for token in (7, 8):  # two steps: the second one runs on inputs rewritten in place
+        for token in (7, 8):  # two decode steps after the padded prompt
             step = np.array([[token], [token + 1]]) % vocab
             mask = np.concatenate([mask, [[1], [1]]], axis=1)
             logits, past = self.forward(step, mask, past=past)

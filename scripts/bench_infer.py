@@ -124,8 +124,6 @@ class OrtContender:
         from mlxgpt_export.runtime import OnnxGPT
 
         self.model = OnnxGPT.load(folder)
-        self.model.in_place = in_place  # False: decode on the exported graph (Concat cache)
-        self.model.in_place_session()  # made now, as loading: not inside the first token
         if options:  # a session built with other settings (--session-options)
             self.model = OnnxGPT(
                 session_with(self.model.model_path, **options),
@@ -133,6 +131,8 @@ class OrtContender:
                 self.model.tokenizer,
                 self.model.generation,
             )
+        self.model.in_place = in_place  # False: decode on the exported graph (Concat cache)
+        self.model.in_place_session()  # made now, as loading: not inside the first token
         self.cache = cache
 
     def run(self, prompts: np.ndarray, new: int) -> Run:
@@ -346,8 +346,8 @@ def contender_specs(ckpt: Path, tmp: Path, args: argparse.Namespace) -> tuple[li
         if precision == "float32":  # without the cache: batch 1 only
             specs.append(dict(ort, name=f"mlxgpt-ort {name} no cache", cache=False, batches=(1,)))
         if (form, precision) == ("portable", "float32"):  # the graph as exported, as genai runs it
-            specs.append(dict(ort, name=f"mlxgpt-ort {name} concat cache", in_place=False))
-            specs[-1]["batches"] = batches
+            concat = dict(ort, name=f"mlxgpt-ort {name} concat cache", in_place=False)
+            specs.append(dict(concat, batches=batches))
         specs.append(dict(kind="genai", name=f"genai {name}", folder=str(folder), batches=batches))
     specs.append(dict(kind="mlx", name="MLX", ckpt=str(ckpt), batches=batches))
     specs.append(dict(kind="mlx", name="MLX no cache", ckpt=str(ckpt), cache=False, batches=(1,)))
