@@ -99,11 +99,14 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"generation defaults: {json.dumps(model.generation)}")
     print(f"parity measured at export: {meta.get('parity', '?')}")
     in_place = model.in_place_session() is not None
-    print(f"generation decodes: {IN_PLACE if in_place else EXPORTED_GRAPH}")
+    widened = in_place and precision[0] == "float16"
+    decodes = IN_PLACE + (WIDENED if widened else "") if in_place else EXPORTED_GRAPH
+    print(f"generation decodes: {decodes}")
     return 0
 
 
 IN_PLACE = "in place (the KV cache written into fixed buffers, mlxgpt_export.in_place)"
+WIDENED = ", computing in float32 on the float16 weights (the CPU has no float16 kernels)"
 EXPORTED_GRAPH = "on the exported graph (no in-place graph for this file or installation)"
 
 

@@ -40,28 +40,33 @@ def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
 
 
-def test_rewrite_replaces_attention_and_gelu_and_keeps_every_other_node(ort: OnnxGPT):
+def test_rewrite_replaces_attention_gelu_and_layer_norms_and_keeps_every_other_value(
+    ort: OnnxGPT,
+):
     exported = onnx.load(str(ort.model_path))
     rewritten = in_place_model(onnx.load(str(ort.model_path)), ort.config)
     onnx.checker.check_model(rewritten)
     kinds = op_types(rewritten)
     n_layer = ort.config.n_layer
     assert kinds.count("GroupQueryAttention") == kinds.count("Gelu") == n_layer
-    for gone in ("Concat", "Attention", "Softmax", "Split", "Erf"):
+    # every LayerNorm (two a layer and the final one) takes the residual sum it normalizes
+    assert kinds.count("SkipLayerNormalization") == 2 * n_layer + 1
+    for gone in ("Concat", "Attention", "Softmax", "Split", "Erf", "LayerNormalization"):
         assert gone not in kinds
     inputs = [i.name for i in rewritten.graph.input]
     assert sig.ATTENTION_MASK not in inputs and inputs[-2:] == [SEQLENS_K, TOTAL_LENGTH]
-    kept = {n.name for n in rewritten.graph.node}
+    made = {name for n in rewritten.graph.node for name in n.output}
     scopes = (
         "/mask/",
         *(f"/h.{i}/{part}/" for i in range(n_layer) for part in ("attn", "mlp/gelu")),
     )
     outside = [
-        n.name
+        name
         for n in exported.graph.node
         if not any(o.startswith(scopes) or o.startswith("present.") for o in n.output)
+        for name in n.output
     ]
-    assert outside and all(name in kept for name in outside)  # LayerNorms, MatMuls, head...
+    assert outside and set(outside) <= made  # residual sums, LayerNorms, MatMuls, head...
     weights = {t.name for t in exported.graph.initializer if t.name.endswith("weight_t")}
     assert weights <= {t.name for t in rewritten.graph.initializer}
 
@@ -87,6 +92,46 @@ def test_tanh_gelu_becomes_fast_gelu_within_1e5_of_the_reference(tmp_path: Path)
         assert np.abs(logits - np.array(expected)).max() <= 1e-5 * scale
         rows = [r + [token] for r in rows]
         logits = decoder.extend(np.array([[token], [token]]))
+
+
+def test_float16_export_decodes_in_float32_on_its_own_weights(tmp_path: Path, capsys):
+    """A float16 export's in-place graph computes in float32 (no float16 tensor, cast or
+    cache left), on weights equal to the export's float16 values, and stays within float16's
+    bound of the float64 reference while decoding a padded batch; ``info`` says so."""
+    from mlxgpt_export.cli import WIDENED
+    from mlxgpt_export.cli import main as ort_main
+
+    config = CONFIGS["bias-1layer-hs8"]
+    ckpt = write_random_checkpoint(tmp_path / "ckpt", config, seed=5)
+    model = OnnxGPT.load(export_checkpoint(ckpt, tmp_path / "out", quiet=True, dtype="float16"))
+    exported = onnx.load(str(model.model_path))
+    rewritten = in_place_model(onnx.load(str(model.model_path)), model.config)
+    onnx.checker.check_model(rewritten)
+    half = onnx.TensorProto.FLOAT16
+    graph = rewritten.graph
+    values = [*graph.input, *graph.output, *graph.value_info]
+    assert not [v.name for v in values if v.type.tensor_type.elem_type == half]
+    assert not [t.name for t in graph.initializer if t.data_type == half]
+    casts = [a.i for n in graph.node if n.op_type == "Cast" for a in n.attribute]
+    assert half not in casts
+    wide = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for tensor in exported.graph.initializer:
+        if tensor.data_type == half and tensor.name in wide:
+            expected = onnx.numpy_helper.to_array(tensor).astype(np.float32)
+            np.testing.assert_array_equal(wide[tensor.name], expected)
+    decoder = _InPlaceDecoder(model, 2, model.in_place_session())
+    assert {b.dtype for b in decoder._buffers} == {np.dtype(np.float32)}
+    weights = read_weights(ckpt, read_config(ckpt))
+    rows = [[3, 1, 4, 1, 5], [9, 2]]
+    logits = decoder.start(*padded(rows))
+    for token in (6, 7):
+        expected = [reference_logits(weights, config, np.array([r]))[0, -1] for r in rows]
+        scale = max(1.0, float(np.abs(expected).max()))
+        assert np.abs(logits - np.array(expected)).max() <= 2e-3 * scale
+        rows = [r + [token] for r in rows]
+        logits = decoder.extend(np.array([[token], [token]]))
+    assert ort_main(["info", str(tmp_path / "out")]) == 0
+    assert WIDENED in capsys.readouterr().out
 
 
 def test_one_row_alternates_steps_and_chunks(ort: OnnxGPT):
