@@ -135,12 +135,15 @@ class OrtContender:
         self.model.in_place_session()  # made now, as loading: not inside the first token
         self.cache = cache
 
-    def run(self, prompts: np.ndarray, new: int) -> Run:
+    def steps(self, prompts: np.ndarray, new: int) -> Iterator[list[int]]:
         if len(prompts) == 1:
             ids = self.model.generate_ids(prompts[0].tolist(), new, GREEDY, self.cache)
-            return timed([t] for t in ids)
+            return ([t] for t in ids)
         assert self.cache, "batched generation always keeps the KV cache"
-        return timed(self.model.generate_batch_ids(prompts.tolist(), new, GREEDY))
+        return iter(self.model.generate_batch_ids(prompts.tolist(), new, GREEDY))
+
+    def run(self, prompts: np.ndarray, new: int) -> Run:
+        return timed(self.steps(prompts, new))
 
     def logits(self, prompt: np.ndarray) -> np.ndarray:
         return self.model.forward(prompt[None])[0][0].astype(np.float32)
@@ -314,10 +317,28 @@ def export_folder(ckpt: Path, out: Path, form: str, flags: tuple[str, ...] = ())
     """Export with the ``mlxgpt export`` command line; ``None`` if it worked, else its error."""
     from mlxgpt.cli import main as mlxgpt_main
 
+    if (out / "config.json").is_file():  # exported by an earlier section of this run
+        return None
     captured = io.StringIO()
     with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
         status = mlxgpt_main(["export", str(ckpt), str(out), "--attention", form, *flags])
     return None if status == 0 else captured.getvalue().strip().splitlines()[-1]
+
+
+def each_export(ckpt: Path, tmp: Path) -> Iterator[tuple[str, Path | str]]:
+    """(name, folder) of every export compared ("portable float32", ...), or (name, why
+    there is none): exported once into ``tmp``, reused by later sections."""
+    offered = export_precisions()
+    exports = [(f, "float32") for f in ("portable", "fused")]
+    exports += [("portable", p) for p in PRECISION_FLAGS]
+    for form, precision in exports:
+        name = f"{form} {precision}"
+        if precision != "float32" and precision not in offered:
+            yield name, f"`mlxgpt export` has no {PRECISION_FLAGS[precision][0]}"
+            continue
+        folder = tmp / f"{form}-{precision}"
+        error = export_folder(ckpt, folder, form, offered.get(precision, ()))
+        yield name, folder if error is None else f"export failed: {error}"
 
 
 def contender_specs(ckpt: Path, tmp: Path, args: argparse.Namespace) -> tuple[list, dict]:
@@ -327,20 +348,11 @@ def contender_specs(ckpt: Path, tmp: Path, args: argparse.Namespace) -> tuple[li
     batches = tuple(args.batch)
     specs: list[dict] = []
     missing: dict[str, str] = {}
-    offered = export_precisions()
-    exports = [(f, "float32") for f in ("portable", "fused")]
-    exports += [("portable", p) for p in PRECISION_FLAGS]
-    for form, precision in exports:
-        name = f"{form} {precision}"
-        if precision != "float32" and precision not in offered:
-            flag = PRECISION_FLAGS[precision][0]
-            missing[f"mlxgpt-ort {name}"] = f"`mlxgpt export` has no {flag}"
+    for name, folder in each_export(ckpt, tmp):
+        if isinstance(folder, str):
+            missing[f"mlxgpt-ort {name}"] = folder
             continue
-        folder = tmp / f"{form}-{precision}"
-        error = export_folder(ckpt, folder, form, offered.get(precision, ()))
-        if error:
-            missing[f"mlxgpt-ort {name}"] = f"export failed: {error}"
-            continue
+        form, precision = name.split()
         ort = dict(kind="ort", name=f"mlxgpt-ort {name}", folder=str(folder))
         specs.append(dict(ort, batches=batches))
         if precision == "float32":  # without the cache: batch 1 only
@@ -482,6 +494,53 @@ def versus_genai(runs: dict) -> list[dict]:
         out.append(dict(export=export, batch=batch, ratio=statistics.median(ratios)))
         out[-1]["range"] = (min(ratios), max(ratios))
     return out
+
+
+def lockstep(first: Iterator[list[int]], second: Iterator[list[int]]) -> tuple[list, list]:
+    """Advance two generations one step each in turn; each one's seconds per step.
+
+    A step of one runs between two of the other, so whatever else the machine does slows
+    both alike (rounds of whole generations leave seconds between the two)."""
+    times: tuple[list[float], list[float]] = ([], [])
+    live = [first, second]
+    while any(live):
+        for index, steps in enumerate(live):
+            if steps is None:
+                continue
+            start = time.perf_counter()
+            try:
+                next(steps)
+            except StopIteration:
+                live[index] = None
+                continue
+            times[index].append(time.perf_counter() - start)
+    return times
+
+
+def lockstep_section(ckpt: Path, config: GPTConfig, tmp: Path, args: argparse.Namespace) -> dict:
+    """mlxgpt-ort and genai on each export, generating in lockstep (:func:`lockstep`): per
+    round, genai's decode seconds over mlxgpt-ort's for the steps both made after the first
+    (mlxgpt-ort's speed relative to genai's); who steps first alternates by round."""
+    out = []
+    for export, folder in each_export(ckpt, tmp):
+        if isinstance(folder, str) or not wanted(f"mlxgpt-ort {export}", args):
+            continue
+        pair = (OrtContender(str(folder)), GenaiContender(str(folder)))
+        for batch in args.batch:
+            prompts = prompts_for(config, batch, args.prompt)
+            for contender in pair:  # first calls untimed
+                contender.run(prompts, 2)
+            ratios = []
+            for r in range(args.lockstep):
+                order = pair if r % 2 == 0 else pair[::-1]
+                times = lockstep(*(c.steps(prompts, args.new) for c in order))
+                ours, genai = times if r % 2 == 0 else times[::-1]
+                n = min(len(ours), len(genai))
+                ratios.append(sum(genai[1:n]) / sum(ours[1:n]))
+            row = dict(export=export, batch=batch, ratio=statistics.median(ratios))
+            row.update(range=(min(ratios), max(ratios)), ahead=sum(x > 1 for x in ratios))
+            out.append(dict(row, rounds=len(ratios)))
+    return {"rows": out}
 
 
 def portable_folder(ckpt: Path, tmp: Path) -> Path:
@@ -732,6 +791,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--context-new", type=int, default=32, help="new tokens timed at the window's end")
     add("--session-options", action="store_true", help="time onnxruntime SessionOptions")
     add("--binding", action="store_true", help="time ways to carry the KV cache between steps")
+    add(
+        "--lockstep",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="rounds of mlxgpt-ort and genai generating in lockstep, a step each in turn",
+    )
     add("--json", type=Path, help="also write everything to this file")
     add("--memory-probe", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -791,6 +857,7 @@ def run(args: argparse.Namespace) -> dict:
             "context": context_section,
             "session_options": options_section,
             "binding": binding_section,
+            "lockstep": lockstep_section,
         }
         for key, section in sections.items():
             if key == "main" or getattr(args, key):
@@ -830,6 +897,15 @@ def report(result: dict, args: argparse.Namespace) -> None:
     if "session_options" in result:
         title = "onnxruntime SessionOptions (mlxgpt-ort portable float32, KV cache)"
         print_rows(title, result["session_options"]["rows"])
+    if "lockstep" in result:
+        print(
+            "\n| export | batch | mlxgpt-ort / genai decode tok/s in lockstep (range) | "
+            "rounds ahead |\n|---|---|---|---|"
+        )
+        for r in result["lockstep"]["rows"]:
+            spread = fmt_range(r["range"], ".3f")
+            ahead = f"{r['ahead']} of {r['rounds']}"
+            print(f"| {r['export']} | {r['batch']} | {r['ratio']:.3f}x ({spread}) | {ahead} |")
     if "binding" in result:
         print("\n| carrying the KV cache | batch | us per decode step (range) |\n|---|---|---|")
         for r in result["binding"]["rows"]:

@@ -34,6 +34,7 @@ def result(tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "infer.json"
     argv = [*TINY, "--prompt", "8", "--new", "6", "--rounds", "2", "--batch", "1", "2"]
     argv += ["--context", "--context-new", "4", "--session-options", "--binding", "--no-memory"]
+    argv += ["--lockstep", "2"]
     with contextlib.redirect_stdout(io.StringIO()) as printed:
         result = bench.main([*argv, "--json", str(out)])
     result["printed"] = printed.getvalue()
@@ -75,6 +76,29 @@ def test_machine_and_the_other_sections_are_recorded(result: dict):
     out = result["printed"]
     assert "| mlxgpt-ort portable float32 | 1 |" in out and "cores" in out
     assert "| IO binding, OrtValues | 2 |" in out and "KV cache speed-up" in out
+    lockstep = {(r["export"], r["batch"]): r for r in result["lockstep"]["rows"]}
+    assert {("portable float32", 1), ("fused float32", 2)} <= set(lockstep)
+    for row in lockstep.values():
+        assert row["rounds"] == 2 and 0 <= row["ahead"] <= 2
+        assert 0 < row["range"][0] <= row["ratio"] <= row["range"][1]
+    assert "in lockstep" in out
+
+
+def test_lockstep_alternates_steps_and_times_each_generation_apart():
+    """Each generation's step time is its own: a slow step is charged to the generation that
+    took it, both run to their end, and the shorter one stops first."""
+    order = []
+
+    def gen(name: str, n: int, pause: float):
+        for i in range(n):
+            order.append(name)
+            bench.time.sleep(pause)
+            yield [i]
+
+    slow, fast = bench.lockstep(gen("a", 3, 0.02), gen("b", 5, 0.0))
+    assert order == ["a", "b", "a", "b", "a", "b", "b", "b"]
+    assert len(slow) == 3 and len(fast) == 5
+    assert min(slow) >= 0.02 > max(fast)
 
 
 def test_memory_probe_measures_a_fresh_process(trained_ckpt: Path, tmp_path: Path):
