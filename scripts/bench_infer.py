@@ -532,6 +532,8 @@ def lockstep_section(ckpt: Path, config: GPTConfig, tmp: Path, args: argparse.Na
                 contender.run(prompts, 2)
             ratios = []
             for r in range(args.lockstep):
+                what = f"lockstep {r + 1}/{args.lockstep}: {export}, batch {batch}"
+                print(what, file=sys.stderr, flush=True)
                 order = pair if r % 2 == 0 else pair[::-1]
                 times = lockstep(*(c.steps(prompts, args.new) for c in order))
                 ours, genai = times if r % 2 == 0 else times[::-1]

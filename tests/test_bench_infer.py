@@ -6,6 +6,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,28 @@ def test_memory_probe_measures_a_fresh_process(trained_ckpt: Path, tmp_path: Pat
     config = bench.read_config(trained_ckpt)
     memory = bench.peak_memory(spec, 2, 8, 4, config)
     assert memory["peak_mib"] > memory["growth_mib"] > 0, memory
+
+
+@pytest.mark.parametrize("graph", ["in-place", "exported"])
+def test_profile_infer_counts_the_operators_of_each_graph(graph: str, tmp_path: Path):
+    """scripts/profile_infer.py on a tiny shape: every decode step's operators are counted
+    (the in-place graph's one attention node a layer against the exported graph's Concat of
+    the cache), and the kernel time fits inside onnxruntime's time for the step."""
+    sys.path.insert(0, str(SCRIPT.parent))
+    import profile_infer
+
+    out = tmp_path / "profile.json"
+    argv = ["--set", "block_size=32", "n_layer=2", "n_embd=32", "n_head=2", "--prompt", "6"]
+    argv += ["--new", "4", "--graph", graph, "--precision", "portable float32", "int8"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = profile_infer.main([*argv, "--json", str(out)])
+    assert json.loads(out.read_text())["exports"] == json.loads(json.dumps(result["exports"]))
+    assert set(result["exports"]) == {"portable float32", "portable int8"}
+    for export in result["exports"].values():
+        nodes = {row["op"]: row["nodes"] for row in export["rows"]}
+        assert export["steps"] == 3  # 4 new tokens: the prompt's run, then 3 decode steps
+        assert 0 < export["kernel_us"] <= export["run_us"]
+        if graph == "in-place":
+            assert nodes["GroupQueryAttention"] == 2 and "Concat" not in nodes
+        else:
+            assert nodes["Concat"] == 2 * 2 and "GroupQueryAttention" not in nodes
