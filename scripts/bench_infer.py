@@ -132,7 +132,8 @@ class OrtContender:
                 self.model.generation,
             )
         self.model.in_place = in_place  # False: decode on the exported graph (Concat cache)
-        self.model.in_place_session()  # made now, as loading: not inside the first token
+        if cache:  # made now, as loading: not inside the first token (recomputing: unused)
+            self.model.in_place_session()
         self.cache = cache
 
     def steps(self, prompts: np.ndarray, new: int) -> Iterator[list[int]]:
