@@ -17,15 +17,13 @@ binds to the *same* memory (IO binding); the operator writes the new keys and va
 them at each row's length and attends over that row's first ``seqlens_k + 1`` positions
 only, causally; it takes the packed q/k/v projection (the ``Split`` goes). Each GELU chain
 of :func:`mlxgpt_export.graph._gelu` becomes one ``com.microsoft`` ``Gelu`` (erf) or
-``FastGelu`` (tanh) node, and each LayerNorm with the residual sum it normalizes one
-``SkipLayerNormalization`` node (:func:`_fuse_skip_layer_norms`): fewer nodes and passes
-per step for onnxruntime to run. A float16 graph is widened to compute in float32
-(:func:`_widen_float16`), as onnxruntime's CPU kernels mostly do anyway. Everything else --
-embeddings, MatMuls (int8 ones included), the LM head -- is the exported graph's own
-nodes, untouched, so the rewrite changes how attention, GELU and LayerNorm are computed and
-nothing else (tests/test_in_place.py holds its logits to the exported graph's,
-tests/test_export_precision.py to the float64 reference in every precision and attention
-form).
+``FastGelu`` (tanh) node: fewer nodes per step for onnxruntime to run. A float16 graph is
+widened to compute in float32 (:func:`_widen_float16`), as onnxruntime's CPU kernels mostly
+do anyway. Everything else -- embeddings, LayerNorms, MatMuls (int8 ones included), the LM
+head -- is the exported graph's own nodes, untouched, so the rewrite changes how attention
+and GELU are computed, and in what precision, and nothing else (tests/test_in_place.py
+holds its logits to the exported graph's, tests/test_export_precision.py to the float64
+reference in every precision and attention form).
 
 The rewritten graph's inputs: ``input_ids`` and ``position_ids`` as exported; the caches
 ``(batch, n_head, cache_length, head_size)``; ``seqlens_k`` int32 ``(batch,)``, each row's
@@ -157,41 +155,6 @@ def _group_query_attention(layer: int, config: GPTConfig, helper: Any, qkv: list
     )
 
 
-def _fuse_skip_layer_norms(nodes: list, constants: set[str], helper: Any) -> list:
-    """``nodes`` with each LayerNorm of a residual sum and that sum (``LayerNorm(a + b)``, the
-    sum also read elsewhere: the residual stream) made one ``com.microsoft``
-    ``SkipLayerNormalization``, which returns the sum as its fourth output: one pass over the
-    activations and one node fewer per LayerNorm. onnxruntime fuses such a pair itself only
-    where nothing else reads the sum (the final LayerNorm). The fused node takes the Add's
-    place, before every reader of either output."""
-    sums = {
-        node.output[0]: index
-        for index, node in enumerate(nodes)
-        if node.op_type == "Add" and not node.domain and not set(node.input) & constants
-    }
-    fused: dict[int, Any] = {}  # Add index -> the node replacing it
-    norms: set[int] = set()  # LayerNorm indices it absorbs
-    for index, node in enumerate(nodes):
-        axis = next((a.i for a in node.attribute if a.name == "axis"), -1)
-        if node.op_type != "LayerNormalization" or node.domain or axis != -1:
-            continue
-        add = sums.get(node.input[0])
-        if add is None or add in fused or len(node.output) > 1 and any(node.output[1:]):
-            continue
-        epsilon = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
-        beta = node.input[2] if len(node.input) > 2 else ""
-        fused[add] = helper.make_node(
-            "SkipLayerNormalization",
-            [*nodes[add].input, node.input[1], beta],
-            [node.output[0], "", "", nodes[add].output[0]],
-            name=f"{node.name}/skip_layer_norm",
-            domain=CONTRIB_DOMAIN,
-            epsilon=epsilon,
-        )
-        norms.add(index)
-    return [fused.get(i, node) for i, node in enumerate(nodes) if i not in norms]
-
-
 def _widen_float16(graph: Any) -> None:
     """Make a float16 graph compute in float32 (in place): every float16 initializer,
     constant, cast and graph value becomes float32. onnxruntime's CPU kernels mostly lack
@@ -257,8 +220,7 @@ def in_place_model(model: Any, config: GPTConfig) -> Any:
             nodes.append(first[index])
         elif index not in replaced:
             nodes.append(node)
-    constants = {t.name for t in graph.initializer}
-    live = _fuse_skip_layer_norms(_live_nodes(graph, nodes), constants, helper)
+    live = _live_nodes(graph, nodes)
     del graph.node[:]
     graph.node.extend(live)
     inputs = [i for i in graph.input if i.name != sig.ATTENTION_MASK]

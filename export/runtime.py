@@ -395,6 +395,11 @@ class _Decoder:
         self.length, self._last_position = length, positions[:, -1:]
         return logits[:, -1]
 
+    def cache(self) -> list[np.ndarray]:
+        """Every layer's keys and values ``(batch, n_head, length, head_size)``, in
+        :func:`~mlxgpt_export.signature.past_names` order (left-padded as the rows came)."""
+        return [self._feeds[name] for name in self._past_names]
+
 
 class _InPlaceDecoder:
     """:class:`_Decoder` on the in-place graph (:mod:`mlxgpt_export.in_place`): no step copies
@@ -407,12 +412,19 @@ class _InPlaceDecoder:
     where it belongs and reads the row's first ``length`` positions. A row's tokens sit at
     positions ``[0, length)``, so :meth:`start` turns the loops' left padding into right
     padding (each row's tokens moved to the front; what lies beyond a row's length is never
-    read, and its next token overwrites it); its logits are then each row's at its own last
-    token. The window never overflows: the loops slide it by calling :meth:`start` again.
+    read, and its next token overwrites it). The window never overflows: the loops slide it
+    by calling :meth:`start` again.
+
+    A prompt runs on the exported graph (:class:`_Decoder`), whose keys and values are then
+    copied into the buffers, each row's to the front: onnxruntime's operator computes a
+    prompt's attention far more slowly than the exported graph's batched products (measured
+    on the shakespeare-char shape, 8 x 128 tokens: 94 ms of 347 against 20 of 269 for the
+    whole prompt), and the copy is one pass over the prompt's cache.
     """
 
     def __init__(self, model: OnnxGPT, batch: int, session: ort.InferenceSession):
         config = model.config
+        self._model, self._batch = model, batch
         self._binding = session.io_binding()
         inner = getattr(session, "_sess", None)  # without the Python wrapper's checks
         if inner is not None and callable(getattr(inner, "run_with_iobinding", None)):
@@ -438,13 +450,15 @@ class _InPlaceDecoder:
 
     def start(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Forget the cache and run left-padded ``ids`` ``(batch, n)``: last-position logits."""
+        prompt = _Decoder(self._model, self._batch)
+        logits = prompt.start(ids, mask)
         lengths = mask.sum(axis=1).astype(np.int64)
         width = ids.shape[1]
-        shifted = (np.arange(width)[None] + (width - lengths)[:, None]) % width
-        ids = np.take_along_axis(ids, shifted, axis=1)  # each row's tokens first
-        positions = np.broadcast_to(np.arange(width, dtype=np.int64), ids.shape)
-        logits = self._forward(ids, np.ascontiguousarray(positions), lengths)
-        return logits[np.arange(len(lengths)), lengths - 1]
+        for buffer, cache in zip(self._buffers, prompt.cache(), strict=True):
+            for row, length in enumerate(lengths.tolist()):
+                buffer[row, :, :length] = cache[row, :, width - length :]
+        self._lengths, self.length = lengths, int(lengths.max())
+        return logits
 
     def extend(self, ids: np.ndarray) -> np.ndarray:
         """Run ``ids`` ``(batch, n)`` after the cache (every row real): last-position logits.
