@@ -61,12 +61,16 @@ def profile(folder: Path, graph: str, batch: int, prompt: int, new: int, scratch
         pass
     events = json.loads(Path(session.end_profiling()).read_text())
     runs = [e["dur"] for e in events if e.get("cat") == "Session" and e["name"] == "model_run"]
-    steps = runs[1:]  # the prompt's run is not a decode step
+    # the exported graph runs the prompt first; the in-place graph only decode steps (the
+    # decoder runs a prompt on the exported graph, mlxgpt_export.runtime._InPlaceDecoder)
+    prompt_runs = 0 if graph == "in-place" else 1
+    steps = runs[prompt_runs:]
     decode = [e for e in events if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")]
-    first_end = next(e["ts"] + e["dur"] for e in events if e.get("name") == "model_run")
+    model_runs = [e for e in events if e.get("name") == "model_run"]
+    decode_from = model_runs[prompt_runs]["ts"]
     kernels: dict[str, list[float]] = collections.defaultdict(list)
     for event in decode:
-        if event["ts"] >= first_end:
+        if event["ts"] >= decode_from:
             kernels[event["args"]["op_name"]].append(event["dur"])
     total = sum(map(sum, kernels.values())) / len(steps)
     rows = [
