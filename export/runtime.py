@@ -586,8 +586,9 @@ class OnnxGPT:
         return self._in_place_session
 
     def _agrees_in_place(self, session: ort.InferenceSession) -> bool:
-        """Whether ``session`` gives the exported graph's logits for a left-padded batch of
-        two and two steps after it, within :data:`IN_PLACE_TOLERANCE` of the largest |logit|: a
+        """Whether ``session`` gives the exported graph's logits for two steps after a
+        left-padded batch of two, and for a chunk of two tokens after one row's prompt (the
+        operator's other path), within :data:`IN_PLACE_TOLERANCE` of the largest |logit|: a
         check, once per model, that this onnxruntime's operator does what the rewrite
         assumes (tested with onnxruntime 1.32)."""
         vocab = self.config.vocab_size
@@ -604,6 +605,11 @@ class OnnxGPT:
             logits, past = self.forward(step, mask, past=past)
             got.append(decoder.extend(step))
             expected.append(logits[:, -1])
+        prompt, chunk = ids[:1, :3], (ids[:1, 2:] + 1) % vocab
+        one = _InPlaceDecoder(self, 1, session)
+        one.start(prompt, np.ones_like(prompt))
+        got.append(one.extend(chunk))  # two new tokens after a past, in one call
+        expected.append(self.forward(np.concatenate([prompt, chunk], axis=1))[0][:, -1])
         scale = max(1.0, *(float(np.abs(e).max()) for e in expected))
         worst = max(float(np.abs(g - e).max()) for g, e in zip(got, expected, strict=True))
         meta = self.session.get_modelmeta().custom_metadata_map
