@@ -98,9 +98,9 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"model config: {meta.get('model_config', '?')}")
     print(f"generation defaults: {json.dumps(model.generation)}")
     print(f"parity measured at export: {meta.get('parity', '?')}")
-    in_place = model.in_place_session() is not None
-    widened = in_place and precision[0] == "float16"
-    decodes = IN_PLACE + (WIDENED if widened else "") if in_place else EXPORTED_GRAPH
+    decodes = EXPORTED_GRAPH
+    if model.in_place_session() is not None:
+        decodes = IN_PLACE + (WIDENED if precision[0] == "float16" else "")
     print(f"generation decodes: {decodes}")
     return 0
 

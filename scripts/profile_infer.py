@@ -3,8 +3,9 @@
     python scripts/profile_infer.py                          # every export, in-place graph
     python scripts/profile_infer.py --graph exported --precision int8 --batch 8
 
-One model (random weights of ``bench_infer``'s default shape, or a checkpoint) is exported
-in each precision asked for; generation runs ``--prompt`` tokens then ``--new`` greedy
+One model (random weights of ``bench_infer``'s default shape; ``--preset`` and ``--set``
+change it) is exported in each precision asked for; generation runs ``--prompt`` tokens
+then ``--new`` greedy
 steps on the graph mlxgpt-ort decodes on (``in-place``, :mod:`mlxgpt_export.in_place`) or on
 the exported one (``exported``, its Concat cache), with onnxruntime's profiler on. Per
 operator type: microseconds of kernel time per decode step, how many nodes run a step,
